@@ -1,0 +1,5 @@
+import sys
+
+from clipjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `clipjax` subcommand: HELP, add_arguments(parser), run(args) -> int."""
