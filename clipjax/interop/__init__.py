@@ -1,0 +1,1 @@
+"""Weight import/export between clipjax and OpenAI / open_clip checkpoints."""
