@@ -50,9 +50,14 @@ def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def configure_process() -> None:
-    """Re-executes the CLI once under the fast allocator on CPU-only machines."""
+    """On CPU-only machines: pin JAX to the CPU and re-execute once under the fast allocator.
+
+    Pinning the platform keeps an installed libtpu (the `tpu` extra, used by
+    `clipjax compile`) from probing for TPU hardware at every start.
+    """
     if _accelerator_present():
         return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     extra = allocator_env()
     if not extra:
         return
