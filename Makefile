@@ -10,7 +10,17 @@ PEER := open-clip-torch==3.3.0 timm==1.0.31 torchvision==0.28.0
 
 .PHONY: venv demo test lint bench clean
 
+# System packages, where Debian's apt is usable: tcmalloc (the fast CPU allocator clipjax
+# re-executes under) and Fashion-MNIST (the demo's data). Skipped quietly elsewhere.
+SYSTEM_PACKAGES := libtcmalloc-minimal4 dataset-fashion-mnist
+
 $(STAMP): pyproject.toml Makefile
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
+	  (apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null 2>&1)) \
+	  || echo "note: could not install $(SYSTEM_PACKAGES) with apt-get; continuing without"; \
+	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -e '.[test]'
