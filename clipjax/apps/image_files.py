@@ -1,0 +1,147 @@
+"""Finding image files under a path or glob, and opening them without letting a
+bad file stop a run.
+
+An unreadable image (truncated, not an image, a decompression bomb) becomes an
+`UnreadableImage` with the reason; callers skip and list it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from clipjax.errors import ClipjaxError
+
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+})
+GLOB_CHARS = frozenset("*?[")
+
+
+class UnreadableImage(Exception):
+    """An image file that PIL cannot decode; `reason` says why."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def is_image_file(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def find_images(specs: str | Sequence[str], *, recursive: bool = True) -> list[str]:
+    """Absolute paths of the image files named by `specs`, sorted, without duplicates.
+
+    Each spec is a file (taken whatever its extension), a directory (searched
+    recursively for image extensions) or a glob pattern (`**` recurses).
+    """
+    if isinstance(specs, str | os.PathLike):
+        specs = [specs]
+    found: set[str] = set()
+    for spec in specs:
+        spec = os.path.expanduser(os.fspath(spec))
+        if any(c in GLOB_CHARS for c in spec) and not os.path.exists(spec):
+            matches = glob.glob(spec, recursive=True)
+            if not matches:
+                raise ClipjaxError(f"no files match {spec!r}")
+            for m in matches:
+                if os.path.isdir(m):
+                    found.update(_walk(m, recursive))
+                elif is_image_file(m):
+                    found.add(os.path.abspath(m))
+        elif os.path.isdir(spec):
+            found.update(_walk(spec, recursive))
+        elif os.path.isfile(spec):
+            found.add(os.path.abspath(spec))
+        else:
+            raise ClipjaxError(f"{spec}: no such file or directory")
+    return sorted(found)
+
+
+def _walk(root: str, recursive: bool) -> Iterable[str]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and is_image_file(name):
+                yield os.path.abspath(os.path.join(dirpath, name))
+        if not recursive:
+            break
+
+
+def open_image(path: str) -> Image.Image:
+    """Opens and decodes the whole image now (PIL is lazy), keeping its mode.
+
+    The mode is left alone so that the model's preprocessing converts to RGB
+    where open_clip does (after resize and crop).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except Exception as e:  # PIL raises assorted error types on damaged or hostile files
+        raise UnreadableImage(path, _reason(e)) from None
+
+
+def load_pixels(path: str, transform: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """`transform(image)` for the file at `path`; any failure is an `UnreadableImage`."""
+    image = open_image(path)
+    try:
+        return transform(image)
+    except Exception as e:
+        raise UnreadableImage(path, _reason(e)) from None
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def iter_batches(paths: Sequence[str], transform: Callable[[Image.Image], np.ndarray],
+                 batch_size: int, *, workers: int = 0, prefetch: int = 2,
+                 ) -> Iterator[tuple[list[str], np.ndarray | None, list[UnreadableImage]]]:
+    """Yields (readable paths, stacked `transform` outputs or None, unreadable) per batch.
+
+    Files are decoded on a thread pool (PIL releases the GIL while decoding and
+    resizing), `prefetch` batches ahead of the consumer, so decoding overlaps the
+    model's work on the previous batch.
+    """
+    if batch_size < 1:
+        raise ClipjaxError(f"batch_size must be >= 1, got {batch_size}")
+    workers = workers or min(8, os.cpu_count() or 1)
+
+    def load(path):
+        try:
+            return load_pixels(path, transform)
+        except UnreadableImage as e:
+            return e
+
+    starts = range(0, len(paths), batch_size)
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for start in starts:
+            chunk = list(paths[start:start + batch_size])
+            pending.append((chunk, [pool.submit(load, p) for p in chunk]))
+            if len(pending) > prefetch:
+                yield _collect(*pending.popleft())
+        while pending:
+            yield _collect(*pending.popleft())
+
+
+def _collect(chunk, futures):
+    ok, arrays, bad = [], [], []
+    for path, fut in zip(chunk, futures):
+        result = fut.result()
+        if isinstance(result, UnreadableImage):
+            bad.append(result)
+        else:
+            ok.append(path)
+            arrays.append(result)
+    return ok, (np.stack(arrays) if arrays else None), bad

@@ -1,0 +1,139 @@
+"""Inner-product vector indexes over unit vectors (cosine similarity), via faiss.
+
+* `exact`: `IndexFlatIP`, brute force: exact top-k, no training, the default.
+  Fine up to a few million vectors (a query costs N·d multiply-adds).
+* `ivf`: `IndexIVFFlat`: k-means into `nlist` cells, a query scans the `nprobe`
+  nearest cells. Build = k-means training + assignment; recall rises with nprobe.
+* `hnsw`: `IndexHNSWFlat`: a navigable small-world graph; no training, slow to
+  build, fast to query; recall rises with efSearch.
+
+Vectors go in as float32 rows; callers L2-normalise them so that inner product
+is cosine similarity.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from clipjax.errors import ClipjaxError
+
+KINDS = ("exact", "ivf", "hnsw")
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How to build and query an index; zeros mean "pick from the data size"."""
+
+    kind: str = "exact"
+    nlist: int = 0  # ivf: number of k-means cells; 0 = about 4·sqrt(N)
+    nprobe: int = 32  # ivf: cells scanned per query
+    hnsw_m: int = 32  # hnsw: graph degree
+    ef_construction: int = 80  # hnsw: candidate list size while building
+    ef_search: int = 64  # hnsw: candidate list size while searching
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ClipjaxError(f"index kind {self.kind!r}: choose from {', '.join(KINDS)}")
+        for name in ("nprobe", "hnsw_m", "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise ClipjaxError(f"index option {name} must be >= 1, got {getattr(self, name)}")
+        if self.nlist < 0:
+            raise ClipjaxError(f"index option nlist must be >= 0, got {self.nlist}")
+
+
+def auto_nlist(n: int) -> int:
+    """About 4·sqrt(N) cells, with at least 39 training points per cell (faiss's minimum)."""
+    return int(max(1, min(round(4 * math.sqrt(max(n, 1))), n // 39)))
+
+
+def as_rows(vectors) -> np.ndarray:
+    """A C-contiguous float32 [N, d] array (what faiss takes)."""
+    x = np.asarray(vectors)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ClipjaxError(f"expected vectors of shape [N, d], got {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def build(vectors, options: IndexOptions = IndexOptions()) -> faiss.Index:
+    """An index holding `vectors` (row i gets id i)."""
+    x = as_rows(vectors)
+    n, d = x.shape
+    if options.kind == "exact":
+        index = faiss.IndexFlatIP(d)
+    elif options.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = options.ef_construction
+    else:
+        nlist = min(options.nlist or auto_nlist(n), max(n, 1))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = options.seed
+        if n:
+            index.train(x)
+    if n:
+        index.add(x)
+    configure(index, options)
+    return index
+
+
+def configure(index: faiss.Index, options: IndexOptions) -> faiss.Index:
+    """Sets the query-time knobs (nprobe, efSearch) of a built or loaded index."""
+    ivf = _as_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(options.nprobe, ivf.nlist)
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = options.ef_search
+    return index
+
+
+def _as_ivf(index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def kind_of(index: faiss.Index) -> str:
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    return "ivf" if _as_ivf(index) is not None else "exact"
+
+
+def search(index: faiss.Index, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids), each [Q, k'] with k' = min(k, index size), best first.
+
+    An approximate index may find fewer than k' neighbours for a query; those
+    slots hold id -1 and score -inf.
+    """
+    if k < 1:
+        raise ClipjaxError(f"k must be >= 1, got {k}")
+    q = as_rows(queries)
+    if q.shape[1] != index.d:
+        raise ClipjaxError(f"query dimension {q.shape[1]} != index dimension {index.d}")
+    k = min(k, index.ntotal)
+    if k == 0:
+        return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+    scores, ids = index.search(q, k)
+    scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+    return scores, ids.astype(np.int64)
+
+
+def save(index: faiss.Index, path: str) -> None:
+    tmp = f"{path}.tmp"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str) -> faiss.Index:
+    try:
+        return faiss.read_index(path)
+    except RuntimeError as e:
+        raise ClipjaxError(f"{path}: cannot read faiss index: {e}") from None
