@@ -153,6 +153,15 @@ def default_config() -> ConfigDict:
     c.eval.tasks = ""  # comma-separated built-in task names
     c.eval.batch_size = 256
     c.eval.data_dir = ""
+    c.eval.checkpoint = "latest"  # STEP | latest | all: the existing checkpoints to evaluate
+    c.eval.watch = False  # then also evaluate each new checkpoint as it appears
+    c.eval.watch_timeout = 3600.0  # seconds without a new checkpoint before --watch stops
+    c.eval.poll_interval = 10.0
+    c.eval.classnames = ""  # file replacing every task's class names
+    c.eval.templates = ""  # file (or built-in set name) replacing every task's templates
+    c.eval.confusion_matrix = False
+    c.eval.max_examples = 0  # per task and split; 0 = all
+    c.eval.linear_probe_max_train = 10000
     return c
 
 
@@ -186,10 +195,12 @@ _POSITIVE = (
     "model.text.width", "model.text.heads", "model.text.layers", "data.batch_size",
     "train.steps", "train.log_every", "train.ckpt_every", "train.keep", "train.grad_accum",
     "eval.batch_size",
+    "eval.watch_timeout", "eval.poll_interval",
 )
 _NON_NEGATIVE = (
     "data.workers", "data.prefetch", "loss.chunk", "optim.lr", "optim.weight_decay",
     "optim.warmup_steps", "optim.clip_norm", "train.keep_every", "train.peak_flops",
+    "eval.max_examples", "eval.linear_probe_max_train",
 )
 
 # Extra checks other modules register: fn(config) -> None, raising ConfigError.
