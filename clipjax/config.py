@@ -90,6 +90,8 @@ def default_config() -> ConfigDict:
     c.data.workers = 2
     c.data.prefetch = 2
     c.data.max_image_pixels = 89_478_485  # larger headers are skipped as decompression bombs
+    c.data.threads = 2  # decode threads per worker process (PIL releases the GIL)
+    c.data.index_cache = ""  # directory caching tar member indexes ('' = memory only)
     c.data.train = ConfigDict()
     c.data.train.source = "synthetic"  # synthetic | webdataset | tfds | folder | mixture
     c.data.train.urls = ""  # brace pattern or '::'-separated list of tar shards
@@ -100,6 +102,11 @@ def default_config() -> ConfigDict:
     c.data.train.caption_key = "caption"
     c.data.train.label_key = "label"
     c.data.train.mixture = ()  # ((source_config_json, weight), ...)
+    c.data.train.image_key = "image"  # tfds image feature
+    c.data.train.caption_choice = "random"  # random | first: among several captions
+    c.data.train.caption_lines = False  # each line of a .txt is one caption
+    c.data.train.templates = ()  # class-label captions; () = clipjax.data.captions defaults
+    c.data.train.shuffle_window = 16  # shards shuffled together per epoch (0 = all)
     c.data.augment = ConfigDict()
     c.data.augment.crop_scale = (0.9, 1.0)
     c.data.augment.crop_ratio = (3 / 4, 4 / 3)
@@ -179,6 +186,7 @@ _CHOICES = {
     "model.text.dtype": ("", "float32", "bfloat16", "float16"),
     "model.tokenizer.kind": ("clip_bpe", "sentencepiece"),
     "data.train.source": ("synthetic", "webdataset", "tfds", "folder", "mixture"),
+    "data.train.caption_choice": ("random", "first"),
     "loss.kind": ("softmax", "sigmoid"),
     "loss.impl": ("dense", "ring"),
     "loss.positives": ("index", "caption"),
@@ -201,6 +209,7 @@ _NON_NEGATIVE = (
     "data.workers", "data.prefetch", "loss.chunk", "optim.lr", "optim.weight_decay",
     "optim.warmup_steps", "optim.clip_norm", "train.keep_every", "train.peak_flops",
     "eval.max_examples", "eval.linear_probe_max_train",
+    "data.threads", "data.train.shuffle_window",
 )
 
 # Extra checks other modules register: fn(config) -> None, raising ConfigError.
