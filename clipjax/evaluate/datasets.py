@@ -1,0 +1,266 @@
+"""Evaluation data sources: IDX files, class folders, CLIP_benchmark webdataset, TFDS.
+
+Each source is an iterable of `(image, target)` with a length: `image` is a
+PIL image or a uint8 array, `target` a class index (classification) or a list
+of captions (retrieval). A source may carry its own `classnames` and
+`templates` (CLIP_benchmark's `wds/` layout ships both; TFDS names its labels).
+Evaluation reads every example once, in order; nothing here shuffles.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from clipjax.errors import ClipjaxError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class Source:
+    """A finite, ordered evaluation set."""
+
+    name: str
+    length: int
+    examples: object  # a callable returning a fresh iterator of (image, target)
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+    kind: str = "classification"  # classification | retrieval
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[object, object]]:
+        return iter(self.examples())
+
+
+def decode(image) -> Image.Image | np.ndarray:
+    """Bytes → PIL image; arrays and PIL images pass through."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        img = Image.open(io.BytesIO(image))
+        img.load()
+        return img
+    return image
+
+
+# --------------------------------------------------------------------------- IDX
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ClipjaxError(f"cannot read IDX file {path}: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ClipjaxError(f"{path}: not an IDX file (bad magic number)")
+    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise ClipjaxError(f"{path}: header says {shape} but the file holds "
+                           f"{len(data) - offset} bytes of data (expected {expected})")
+    return np.frombuffer(data, dtype, offset=offset).reshape(shape)
+
+
+def _find(data_dir: str, stem: str) -> str:
+    for name in (f"{stem}.gz", stem):
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path):
+            return path
+    raise ClipjaxError(f"{data_dir}: no {stem}[.gz]")
+
+
+IDX_SPLITS = {"train": "train", "test": "t10k"}
+
+
+def idx_source(data_dir: str, split: str = "test", name: str = "idx") -> Source:
+    """MNIST-style `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` files."""
+    if split not in IDX_SPLITS:
+        raise ClipjaxError(f"IDX split must be one of {sorted(IDX_SPLITS)}; got {split!r}")
+    prefix = IDX_SPLITS[split]
+    images = read_idx(_find(data_dir, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(data_dir, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise ClipjaxError(f"{data_dir}: {len(images)} images of shape {images.shape[1:]} "
+                           f"do not pair with {len(labels)} labels")
+    return Source(name, len(labels), lambda: zip(images, labels.tolist(), strict=True))
+
+
+# --------------------------------------------------------------------------- class folders
+
+
+def _images_in(directory: str) -> list[str]:
+    return sorted(
+        os.path.join(directory, f) for f in os.listdir(directory)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+
+
+def folder_source(root: str, name: str = "folder") -> Source:
+    """ROOT/<class>/*.jpg: classes in sorted folder order; names from the folder names."""
+    if not os.path.isdir(root):
+        raise ClipjaxError(f"{root}: not a directory")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ClipjaxError(f"{root}: no class subfolders")
+    items = [(path, label) for label, c in enumerate(classes)
+             for path in _images_in(os.path.join(root, c))]
+    if not items:
+        raise ClipjaxError(f"{root}: no images in its class subfolders")
+
+    def examples():
+        for path, label in items:
+            yield Image.open(path), label
+
+    names = [c.replace("_", " ") for c in classes]
+    return Source(name, len(items), examples, classnames=names)
+
+
+def caption_folder_source(root: str, name: str = "captions") -> Source:
+    """ROOT/KEY.jpg + ROOT/KEY.txt (one caption per line): a retrieval set."""
+    if not os.path.isdir(root):
+        raise ClipjaxError(f"{root}: not a directory")
+    items = []
+    for path in _images_in(root):
+        txt = os.path.splitext(path)[0] + ".txt"
+        if os.path.exists(txt):
+            with open(txt, encoding="utf-8") as f:
+                caps = [c.strip() for c in f.read().splitlines() if c.strip()]
+            if caps:
+                items.append((path, caps))
+    if not items:
+        raise ClipjaxError(f"{root}: no image with a non-empty .txt caption file")
+
+    def examples():
+        for path, caps in items:
+            yield Image.open(path), caps
+
+    return Source(name, len(items), examples, kind="retrieval")
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+def _read_lines(path: str) -> list[str] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f.read().splitlines() if line.strip()]
+
+
+def _tar_samples(paths: list[str]) -> Iterator[dict[str, bytes]]:
+    """Groups consecutive tar members by key (the name up to the first dot)."""
+    for path in paths:
+        sample, key = {}, None
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                k, _, ext = base.partition(".")
+                k = os.path.join(os.path.dirname(member.name), k)
+                if k != key and sample:
+                    yield sample
+                    sample = {}
+                key = k
+                sample[ext.lower()] = tar.extractfile(member).read()
+            if sample:
+                yield sample
+
+
+def _image_of(sample: dict[str, bytes]) -> bytes | None:
+    for ext in ("webp", "jpg", "jpeg", "png", "bmp", "ppm", "tif", "tiff", "gif"):
+        if ext in sample:
+            return sample[ext]
+    return None
+
+
+def _count_samples(paths: list[str]) -> int:
+    return sum(1 for s in _tar_samples_index(paths))
+
+
+def _tar_samples_index(paths: list[str]) -> Iterator[str]:
+    for path in paths:
+        with tarfile.open(path) as tar:
+            keys = []
+            for member in tar:
+                if member.isfile():
+                    k = os.path.join(os.path.dirname(member.name),
+                                     os.path.basename(member.name).partition(".")[0])
+                    if not keys or keys[-1] != k:
+                        keys.append(k)
+            yield from keys
+
+
+def wds_source(root: str, split: str = "test", name: str = "wds") -> Source:
+    """CLIP_benchmark's layout: ROOT/{classnames.txt, zeroshot_classification_templates.txt,
+    SPLIT/*.tar}; samples hold an image plus `.cls` (class index) or `.txt` (captions)."""
+    shards = sorted(glob.glob(os.path.join(root, split, "*.tar")))
+    if not shards:
+        raise ClipjaxError(f"{root}: no {split}/*.tar shards (CLIP_benchmark wds layout)")
+    classnames = _read_lines(os.path.join(root, "classnames.txt"))
+    templates = _read_lines(os.path.join(root, "zeroshot_classification_templates.txt"))
+    first = next(_tar_samples(shards[:1]), {})
+    kind = "classification" if "cls" in first else "retrieval"
+    if kind == "retrieval" and "txt" not in first:
+        raise ClipjaxError(f"{shards[0]}: samples have neither .cls labels nor .txt captions")
+    length = _count_samples(shards)
+
+    def examples():
+        for sample in _tar_samples(shards):
+            image = _image_of(sample)
+            if image is None:
+                raise ClipjaxError(f"{root}/{split}: a sample without an image: {sorted(sample)}")
+            if kind == "classification":
+                yield decode(image), int(sample["cls"].decode().strip())
+            else:
+                caps = [c.strip() for c in sample["txt"].decode("utf-8").splitlines()]
+                yield decode(image), [c for c in caps if c]
+
+    return Source(name, length, examples, classnames=classnames, templates=templates, kind=kind)
+
+
+# --------------------------------------------------------------------------- TFDS
+
+
+def tfds_source(dataset: str, split: str = "test", data_dir: str = "",
+                name: str = "tfds", image_key: str = "image",
+                label_key: str = "label") -> Source:
+    """A TFDS dataset through `tfds.data_source` (array_record; no TensorFlow needed)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        ds = tfds.data_source(dataset, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # tfds raises many types for "not prepared here"
+        where = data_dir or "the default TFDS data_dir"
+        raise ClipjaxError(
+            f"TFDS {dataset!r} split {split!r} is not available in {where}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    classnames = None
+    try:
+        feature = ds.dataset_info.features[label_key]
+        classnames = [n.replace("_", " ") for n in feature.names]
+    except Exception:  # no ClassLabel feature: the task must supply class names
+        classnames = None
+
+    def examples():
+        for i in range(len(ds)):
+            ex = ds[i]
+            yield np.asarray(ex[image_key]), int(ex[label_key])
+
+    return Source(name, len(ds), examples, classnames=classnames)

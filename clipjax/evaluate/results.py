@@ -1,0 +1,155 @@
+"""Where evaluation results go: JSON per (task, step), TensorBoard scalars, PNG plots.
+
+    DIR/eval/<task>/<step>.json      {"step", "task", "num_examples", metrics...}
+    DIR/eval/<task>/<metric>.png     each headline metric against the step
+    DIR/eval/<task>/confusion_<step>.png   (optional)
+    DIR/tb/eval/                     TensorBoard events, tags "<task>/<metric>"
+
+Files are written to a temporary name and renamed, so a reader never sees half
+of one. Nothing here touches DIR/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+EVAL_DIR = "eval"
+TB_DIR = os.path.join("tb", "eval")
+HEADLINE = ("top1", "image_to_text_R@1", "text_to_image_R@1")
+
+
+def task_dir(workdir: str, task: str) -> str:
+    return os.path.join(workdir, EVAL_DIR, task)
+
+
+def result_path(workdir: str, task: str, step: int) -> str:
+    return os.path.join(task_dir(workdir, task), f"{step}.json")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json(workdir: str, task: str, step: int, record: Mapping) -> str:
+    path = result_path(workdir, task, step)
+    _atomic_write(path, (json.dumps(dict(record), indent=2, sort_keys=False) + "\n").encode())
+    return path
+
+
+def read_all(workdir: str, task: str) -> list[dict]:
+    """Every result of one task, sorted by step."""
+    d = task_dir(workdir, task)
+    if not os.path.isdir(d):
+        return []
+    out = []
+    for name in os.listdir(d):
+        if re.fullmatch(r"\d+\.json", name):
+            with open(os.path.join(d, name), encoding="utf-8") as f:
+                out.append(json.load(f))
+    return sorted(out, key=lambda r: r["step"])
+
+
+def metric_names(record: Mapping) -> list[str]:
+    skip = {"step", "task", "num_examples", "mode", "num_classes", "num_templates",
+            "num_texts", "checkpoint", "seconds", "l2"}
+    return [k for k, v in record.items()
+            if k not in skip and isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+class TensorBoard:
+    """Scalars under DIR/tb/eval, one tag per task and metric."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(workdir, TB_DIR))
+
+    def write(self, task: str, record: Mapping) -> None:
+        for name in metric_names(record):
+            value = float(record[name])
+            if math.isfinite(value):
+                self.writer.add_scalar(f"{task}/{name}", value, int(record["step"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def plot(workdir: str, task: str) -> list[str]:
+    """One PNG per headline metric of a task: its value at each evaluated step."""
+    records = read_all(workdir, task)
+    if not records:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    names = [m for m in HEADLINE if any(m in r for r in records)]
+    for name in names:
+        pts = [(r["step"], r[name]) for r in records if name in r]
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_title(f"{task}: {name}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(task_dir(workdir, task), f"{_safe(name)}.png")
+        _save(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_confusion(workdir: str, task: str, step: int, cm: np.ndarray,
+                   classnames: list[str]) -> str:
+    """A row-normalised confusion matrix (true class by row) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = len(classnames)
+    frac = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.35 * c, 30)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    if c <= 50:
+        ax.set_xticks(range(c), classnames, rotation=90, fontsize=8)
+        ax.set_yticks(range(c), classnames, fontsize=8)
+        if c <= 20:
+            for i in range(c):
+                for j in range(c):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{task} @ step {step}")
+    fig.tight_layout()
+    path = os.path.join(task_dir(workdir, task), f"confusion_{step}.png")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _save(fig, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp)
+    os.replace(tmp, path)
