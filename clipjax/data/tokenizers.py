@@ -372,7 +372,8 @@ def train_sentencepiece(texts_or_path: str | os.PathLike | Iterable[str], model_
         eos_id=vocab_size - 1, character_coverage=character_coverage,
         input_sentence_size=max_sentences, shuffle_input_sentence=True,
         normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
-        num_threads=os.cpu_count() or 1, minloglevel=2, random_seed=seed)
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+    spm.set_random_generator_seed(seed)  # the input-sampling shuffle
     model = io.BytesIO()
     try:
         if isinstance(texts_or_path, str | os.PathLike):
@@ -385,7 +386,10 @@ def train_sentencepiece(texts_or_path: str | os.PathLike | Iterable[str], model_
             spm.SentencePieceTrainer.train(
                 sentence_iterator=(t for t in lines if t), model_writer=model, **options)
     except RuntimeError as e:
-        message = str(e).split("] ", 1)[-1]
+        message = str(e).split("] ", 1)[-1].strip()
+        if "pieces_size()" in str(e) or "Vocabulary size too high" in message:
+            message = (f"vocab_size {vocab_size} is more pieces than this text supports; "
+                       "lower the vocab size or train on more text")
         raise ClipjaxError(f"sentencepiece training failed: {message}") from e
     path = os.fspath(model_prefix) + ".model"
     with open(path, "wb") as f:
