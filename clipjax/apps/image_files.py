@@ -145,3 +145,21 @@ def _collect(chunk, futures):
             ok.append(path)
             arrays.append(result)
     return ok, (np.stack(arrays) if arrays else None), bad
+
+
+def embed_files(model, paths: Sequence[str], *, batch_size: int = 64, progress: bool = False,
+                desc: str = "embedding") -> tuple[list[str], np.ndarray, list[UnreadableImage]]:
+    """(readable paths, their float32 [N, D] embeddings, the unreadable files) for `model`."""
+    from tqdm.auto import tqdm
+
+    ok_all, rows, bad_all = [], [], []
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or not paths,
+              dynamic_ncols=True) as bar:
+        for ok, pixels, bad in iter_batches(paths, model.preprocess.pixels, batch_size):
+            if ok:
+                rows.append(model.encode_images(pixels, batch_size=batch_size))
+                ok_all += ok
+            bad_all += bad
+            bar.update(len(ok) + len(bad))
+    emb = np.concatenate(rows) if rows else np.zeros((0, model.embed_dim), np.float32)
+    return ok_all, emb, bad_all

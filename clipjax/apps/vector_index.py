@@ -76,6 +76,8 @@ def build(vectors, options: IndexOptions = IndexOptions()) -> faiss.Index:
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = options.seed
+        if n < index.cp.min_points_per_centroid * nlist:  # small data: train quietly
+            index.cp.min_points_per_centroid = 1
         if n:
             index.train(x)
     if n:
