@@ -131,6 +131,8 @@ def default_config() -> ConfigDict:
     c.optim.end_lr = 0.0
     c.optim.clip_norm = 1.0  # 0 = off
     c.optim.frozen = ""  # regex over param paths, e.g. 'image/.*' (LiT)
+    # no weight decay on 1-d params nor on paths matching this (biases, norms, embeddings, logit_*)
+    c.optim.no_decay = r"(bias|scale|embedding)[^/]*$"
 
     c.train = ConfigDict()
     c.train.steps = 1000
@@ -143,6 +145,7 @@ def default_config() -> ConfigDict:
     c.train.nonfinite = "skip"  # skip | stop
     c.train.peak_flops = 0.0  # per device; 0 = measure a matmul at start-up
     c.train.init_from = ""  # workdir or checkpoint to take initial params from
+    c.train.init_from_keys = ".*"  # regex: which param paths init_from supplies (LiT: 'image/.*')
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1 = the devices the other axes leave

@@ -1,0 +1,126 @@
+"""The device mesh, logical-axis rules, and host-local → global arrays.
+
+Data parallel, FSDP and tensor parallel are not code paths here: they are the
+mesh axis sizes in `config.mesh` together with the logical-axis rules in
+`config.sharding_rules`, which map the names models put on their params and
+activations (`batch`, `embed`, `mlp`, ...) to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
+
+from clipjax.errors import ConfigError
+
+Rules = tuple[tuple[str, Any], ...]
+
+
+def mesh_shape(mesh_cfg: ConfigDict | Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Axis sizes in config order, with the one `-1` axis taking the devices the others leave."""
+    sizes = {k: int(mesh_cfg[k]) for k in mesh_cfg}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if num_devices % fixed:
+        raise ConfigError("mesh", f"axis sizes {sizes} do not divide {num_devices} devices")
+    for k, v in sizes.items():
+        if v == -1:
+            sizes[k] = num_devices // fixed
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise ConfigError("mesh", f"axis sizes {sizes} use {total} of {num_devices} devices")
+    return sizes
+
+
+def make_mesh(mesh_cfg: ConfigDict | Mapping[str, int],
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all (global) devices with Auto axes, which linen's logical constraints need."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    names = tuple(sizes)
+    return jax.make_mesh(tuple(sizes.values()), names,
+                         axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def rules(config: ConfigDict) -> Rules:
+    """`config.sharding_rules` as the tuple of pairs flax expects."""
+    out = []
+    for name, target in config.sharding_rules:
+        if isinstance(target, list):
+            target = tuple(target)
+        out.append((name, target))
+    return tuple(out)
+
+
+def axes_for(logical: str, rule_set: Rules) -> tuple[str, ...]:
+    """The mesh axes a logical name maps to (the first matching rule), as a tuple."""
+    for name, target in rule_set:
+        if name == logical:
+            if target is None:
+                return ()
+            return (target,) if isinstance(target, str) else tuple(target)
+    return ()
+
+
+def batch_axes(config: ConfigDict) -> tuple[str, ...]:
+    """Mesh axes the batch dimension is split over (the `batch` rule)."""
+    return axes_for("batch", rules(config))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, axes: Sequence[str], ndim: int = 1) -> NamedSharding:
+    """Leading dimension split over `axes`, the rest replicated."""
+    lead = tuple(axes) if len(axes) != 1 else axes[0]
+    return NamedSharding(mesh, P(lead or None, *([None] * (ndim - 1))))
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drops the mesh axes of any dimension they do not divide evenly (that dim is replicated).
+
+    Keeps odd-sized params (a 3-channel patch kernel, a 1-d bias) legal under
+    any rule set instead of failing at compile time.
+    """
+    dims = list(spec) + [None] * (len(shape) - len(spec))
+    out = []
+    for size, entry in zip(shape, dims):
+        axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        n = math.prod(mesh.shape[a] for a in axes) if axes else 1
+        out.append(entry if n == 1 or size % n == 0 else None)
+    return P(*out)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rule_set: Rules) -> Any:
+    """NamedShardings for a (boxed, abstract) flax variable tree, from its logical axis names."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    mesh_specs = nn.logical_to_mesh(specs, rule_set)
+    shapes = nn.meta.unbox(abstract_boxed)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
+        mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
+              axes: Sequence[str]) -> dict[str, jax.Array]:
+    """Host-local numpy batch → global jax.Arrays split over `axes` (each process feeds its part)."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, axes, v.ndim), v)
+    return out
+
+
+def describe(shardings: Any) -> dict[str, str]:
+    """`path -> PartitionSpec` strings, for logs and tests."""
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): str(s.spec)
+            for path, s in flat}
