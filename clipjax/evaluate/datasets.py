@@ -215,6 +215,10 @@ def wds_source(root: str, split: str = "test", name: str = "wds") -> Source:
         raise ClipjaxError(f"{root}: no {split}/*.tar shards (CLIP_benchmark wds layout)")
     classnames = _read_lines(os.path.join(root, "classnames.txt"))
     templates = _read_lines(os.path.join(root, "zeroshot_classification_templates.txt"))
+    if templates:
+        from clipjax.evaluate.prompts import normalize_templates
+
+        templates = normalize_templates(templates)
     first = next(_tar_samples(shards[:1]), {})
     kind = "classification" if "cls" in first else "retrieval"
     if kind == "retrieval" and "txt" not in first:

@@ -71,17 +71,20 @@ def _resolve(spec: str, directory: Path, key: str, known: list[str]) -> list[str
 
 
 def load_classnames(spec: str) -> list[str]:
-    names = _resolve(spec, CLASSNAMES_DIR, "classnames", builtin_classnames())
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ClipjaxError(f"classnames {spec}: duplicate class names {dup}")
-    return names
+    # Duplicates are allowed: OpenAI's ImageNet list has two "sunglasses" and two "missile".
+    return _resolve(spec, CLASSNAMES_DIR, "classnames", builtin_classnames())
 
 
 def load_templates(spec: str) -> list[str]:
-    templates = _resolve(spec, TEMPLATES_DIR, "templates", builtin_templates())
+    templates = normalize_templates(_resolve(spec, TEMPLATES_DIR, "templates",
+                                             builtin_templates()))
     check_templates(templates, spec)
     return templates
+
+
+def normalize_templates(templates: list[str]) -> list[str]:
+    """CLIP_benchmark writes `{c}` where the class name goes; clipjax writes `{}`."""
+    return [t.replace("{c}", PLACEHOLDER) for t in templates]
 
 
 def check_templates(templates: list[str], where: str = "templates") -> None:

@@ -1,0 +1,198 @@
+"""`clipjax eval` end to end on tiny random models: checkpoint following (--watch with a
+half-written checkpoint), results layout, errors, and the data sources."""
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+from eval_data import save_tiny, tiny_config, write_idx_split
+from PIL import Image
+
+from clipjax import checkpoint
+from clipjax.cli import main
+from clipjax.errors import ClipjaxError
+from clipjax.evaluate import datasets, evaluator, results, tasks
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("idx"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 24)):
+        write_idx_split(d, split, rng.integers(0, 255, (n, 20, 20), dtype=np.uint8),
+                        rng.integers(0, 3, n, dtype=np.uint8))
+    return d
+
+
+@pytest.fixture(scope="module")
+def classnames(tmp_path_factory):
+    p = tmp_path_factory.mktemp("names") / "names.txt"
+    p.write_text("circle\nsquare\ntriangle\n")
+    return str(p)
+
+
+def _snapshot(directory):
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, directory)] = os.path.getmtime(p)
+    return out
+
+
+def test_watch_picks_up_new_checkpoint_and_ignores_half_written(tmp_path, idx_dir, classnames):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(train_steps=20)
+    save_tiny(workdir, 10, config)
+    ckpts = checkpoint.checkpoint_dir(workdir)
+    # What orbax leaves while step 30 is still being written: a temporary directory.
+    shutil.copytree(os.path.join(ckpts, "10"),
+                    os.path.join(ckpts, "30.orbax-checkpoint-tmp-1234567"))
+    opts = evaluator.Options(tasks=tasks.parse_list(f"shapes=idx:{idx_dir}"), checkpoint="all",
+                             watch=True, watch_timeout=120, poll_interval=0.2,
+                             classnames=classnames, batch_size=16, progress=False)
+    logs = []
+    ev = evaluator.Evaluator(workdir, opts, log=logs.append)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(ev.run()))
+    thread.start()
+    first = results.result_path(workdir, "shapes", 10)
+    deadline = time.time() + 90
+    while not os.path.exists(first) and time.time() < deadline and thread.is_alive():
+        time.sleep(0.1)
+    assert os.path.exists(first), logs
+    before = _snapshot(ckpts)
+    save_tiny(workdir, 20, config)  # written after the evaluator started; the final step
+    before.update({k: v for k, v in _snapshot(ckpts).items() if k.startswith("20")})
+    thread.join(timeout=120)
+    assert not thread.is_alive(), logs
+    assert sorted(out) == [10, 20], logs
+    assert not os.path.exists(results.result_path(workdir, "shapes", 30))
+    assert _snapshot(ckpts) == before  # the evaluator wrote nothing into checkpoints/
+    rec = json.load(open(results.result_path(workdir, "shapes", 20)))
+    assert rec["step"] == 20 and rec["task"] == "shapes" and rec["num_examples"] == 24
+    assert 0 <= rec["top1"] <= rec["top5"] <= 1
+    assert os.path.exists(os.path.join(workdir, "eval", "shapes", "top1.png"))
+    assert os.listdir(os.path.join(workdir, "tb", "eval"))
+    assert any("last" in line for line in logs)
+
+
+def test_cli_results_cache_and_rerun(tmp_path, idx_dir, classnames, capsys):
+    workdir = str(tmp_path / "imported")
+    save_tiny(workdir, 0)
+    tpl = tmp_path / "tpl.txt"
+    tpl.write_text("a drawing of a {}.\na {} shape.\n")
+    args = ["eval", "--workdir", workdir, "--tasks", f"shapes=idx:{idx_dir},"
+            f"probe=idx:{idx_dir}@linear_probe", "--classnames", classnames,
+            "--templates", str(tpl), "--confusion-matrix", "--no-progress", "--batch-size", "8"]
+    assert main(args) == 0
+    rec = json.load(open(results.result_path(workdir, "shapes", 0)))
+    assert rec["num_templates"] == 2 and rec["num_classes"] == 3
+    assert set(rec) >= {"step", "task", "num_examples", "top1", "top5", "mean_per_class_recall"}
+    probe = json.load(open(results.result_path(workdir, "probe", 0)))
+    assert probe["mode"] == "linear_probe" and probe["num_train"] == 40
+    assert os.path.exists(os.path.join(workdir, "eval", "shapes", "confusion_0.png"))
+    cache = os.listdir(os.path.join(workdir, "eval", "cache", "shapes"))
+    assert len(cache) == 1 and cache[0].startswith("0-")
+    # The cached classifier is what a fresh ensemble gives.
+    ev = evaluator.Evaluator(workdir, evaluator.Options(tasks=[]))
+    enc = ev.encoder(checkpoint.restore_params(workdir, 0))
+    from clipjax.evaluate import zeroshot
+
+    fresh = zeroshot.build_classifier(enc.encode_texts, ["circle", "square", "triangle"],
+                                      ["a drawing of a {}.", "a {} shape."])
+    cached = np.load(os.path.join(workdir, "eval", "cache", "shapes", cache[0]))
+    np.testing.assert_allclose(cached, fresh, atol=1e-5)
+    capsys.readouterr()
+    assert main(args) == 0  # a second run finds the results and skips
+    assert "results exist" in capsys.readouterr().out
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path, capsys):
+    workdir = str(tmp_path / "empty")
+    checkpoint.write_config(workdir, tiny_config())
+    assert main(["eval", "--workdir", workdir, "--tasks", "fashion_mnist"]) == 1
+    err = capsys.readouterr().err
+    assert "no finalized checkpoint" in err and "--watch" in err
+    assert main(["eval", "--workdir", str(tmp_path / "nothing"), "--tasks", "mnist"]) == 1
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_unknown_task_lists_known_ones(tmp_path, capsys):
+    assert main(["eval", "--workdir", str(tmp_path), "--tasks", "fashion_mnist,imagenet_22k"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown task 'imagenet_22k'" in err
+    for name in ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet1k", "food101"):
+        assert name in err
+    assert main(["eval", "--workdir", str(tmp_path), "--tasks", "help"]) == 0
+    assert "oxford_pets" in capsys.readouterr().out
+
+
+def test_task_strings():
+    t = tasks.parse("pets=folder:/data/pets@linear_probe?split=val")
+    assert (t.label, t.dataset, t.mode, t.split) == ("pets", "folder:/data/pets",
+                                                     "linear_probe", "val")
+    assert tasks.parse("cifar10@linear_probe").label == "cifar10@linear_probe"
+    assert tasks.parse("captions:/x/flickr").mode == "retrieval"
+    with pytest.raises(ClipjaxError, match="unknown mode"):
+        tasks.parse("cifar10@finetune")
+    with pytest.raises(ClipjaxError, match="appear twice"):
+        tasks.parse_list("mnist,mnist")
+
+
+def test_folder_wds_and_caption_sources(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((12, 12, 3), color, np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    for name in ("red_fox", "blue_jay"):
+        d = tmp_path / "folder" / "test" / name
+        d.mkdir(parents=True)
+        for i in range(3):
+            (d / f"{i}.png").write_bytes(png(int(rng.integers(255))))
+    src = tasks.load_source(tasks.parse(f"folder:{tmp_path / 'folder'}"), "test")
+    assert src.classnames == ["blue jay", "red fox"] and len(src) == 6
+    assert [label for _, label in src] == [0, 0, 0, 1, 1, 1]
+
+    wds = tmp_path / "wds"
+    (wds / "test").mkdir(parents=True)
+    (wds / "classnames.txt").write_text("cat\ndog\n")
+    (wds / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    with tarfile.open(wds / "test" / "0.tar", "w") as tar:
+        for i in range(5):
+            for ext, data in (("webp", png(i * 40)), ("cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    task = tasks.parse(f"wds:{wds}")
+    src = tasks.load_source(task, "test")
+    assert len(src) == 5 and [y for _, y in src] == [0, 1, 0, 1, 0]
+    assert tasks.classnames_for(task, src) == ["cat", "dog"]
+    assert tasks.templates_for(task, src) == ["a photo of a {}."]
+
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    for i in range(2):
+        (caps / f"{i}.png").write_bytes(png(i))
+        (caps / f"{i}.txt").write_text(f"caption a{i}\ncaption b{i}\n")
+    src = tasks.load_source(tasks.parse(f"captions:{caps}"), "test")
+    assert src.kind == "retrieval" and [c for _, c in src][1] == ["caption a1", "caption b1"]
+
+
+def test_read_idx_rejects_a_truncated_file(tmp_path):
+    write_idx_split(str(tmp_path), "test", np.zeros((4, 5, 5), np.uint8), np.zeros(4, np.uint8))
+    raw = tmp_path / "t10k-images-idx3-ubyte"
+    import gzip
+
+    raw.write_bytes(gzip.open(str(raw) + ".gz").read()[:-3])
+    with pytest.raises(ClipjaxError, match="header says"):
+        datasets.read_idx(str(raw))
