@@ -13,15 +13,15 @@ from jax.sharding import PartitionSpec as P
 
 from clipjax import config as config_lib
 from clipjax.errors import ClipjaxError, ConfigError
-from clipjax.losses import caption_ids, contrastive_loss
+from clipjax.losses import caption_ids, contrastive_loss, options
 from clipjax.losses.common import axes_of
 
 RAW_SCALE = math.log(10.0) + 0.1  # below the clamp, so its gradient is live
 BIAS = -2.0
 
 
-def _mesh(shape, names):
-    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+def _mesh(shape, names, axis_type=AxisType.Auto):
+    return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape),
                          devices=jax.devices()[:math.prod(shape)])
 
 
@@ -109,6 +109,17 @@ def test_batch_over_two_of_three_mesh_axes():
     reference = _loss_and_grads(x, y, ids, kind="sigmoid", positives="caption")
     for impl in ("ring", "dense"):
         _assert_same(_loss_and_grads(x, y, ids, impl=impl, **kw), reference, impl)
+
+
+def test_explicit_mesh_axes():
+    """jax.make_mesh's default (Explicit axes): inputs are resharded to what shard_map needs."""
+    mesh = _mesh((8,), ("data",), AxisType.Explicit)
+    x, y, ids = _inputs(16, 8, seed=6)
+    reference = _loss_and_grads(x, y, ids, kind="softmax", positives="caption")
+    for impl in ("ring", "dense"):
+        got = _loss_and_grads(x, y, ids, impl=impl, mesh=mesh, kind="softmax",
+                              positives="caption")
+        _assert_same(got, reference, f"{impl} explicit")
 
 
 # --------------------------------------------------------------------------- peers
@@ -280,6 +291,8 @@ def test_config_checks_name_the_loss_key():
     assert e.value.key == "loss.chunk"
     c.loss.impl = "ring"
     config_lib.validate(c)  # 64 divides the default batch 256
+    assert options(c.loss) == {"kind": "softmax", "impl": "ring", "positives": "index",
+                               "chunk": 64, "logit_scale_max": math.log(100.0)}
     c.loss.chunk = 96
     with pytest.raises(ConfigError, match="micro-batch"):
         config_lib.validate(c)

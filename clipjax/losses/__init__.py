@@ -29,7 +29,7 @@ from clipjax.losses.common import axes_of, caption_ids
 from clipjax.losses.dense import dense_loss
 from clipjax.losses.ring import ring_loss
 
-__all__ = ["contrastive_loss", "caption_ids", "KINDS", "IMPLS", "POSITIVES"]
+__all__ = ["contrastive_loss", "caption_ids", "options", "KINDS", "IMPLS", "POSITIVES"]
 
 KINDS = ("softmax", "sigmoid")
 IMPLS = {"dense": dense_loss, "ring": ring_loss}
@@ -104,6 +104,14 @@ def contrastive_loss(img_emb, txt_emb, logit_scale, logit_bias=None, *, kind="so
     if positives == "caption":
         metrics["positives"] = count
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def options(loss_config) -> dict:
+    """contrastive_loss keyword arguments from `config.loss`: `contrastive_loss(img, txt, scale,
+    bias, mesh=mesh, batch_axes=..., ids=..., **options(config.loss))`."""
+    return {"kind": loss_config.kind, "impl": loss_config.impl,
+            "positives": loss_config.positives, "chunk": int(loss_config.chunk),
+            "logit_scale_max": float(loss_config.logit_scale_max)}
 
 
 @config_lib.register_check

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,14 @@ class BatchAxes:
             return tree
         perm = [(i, (i + 1) % self.size) for i in range(self.size)]
         return jax.tree.map(lambda x: jax.lax.ppermute(x, self.name, perm), tree)
+
+
+def conform(mesh, args, specs):
+    """Reshards args to specs where the mesh has Explicit axes (shard_map then needs the exact
+    input sharding); on Auto meshes shard_map reshards by itself."""
+    if all(t != AxisType.Explicit for t in mesh.axis_types):
+        return args
+    return tuple(jax.sharding.reshard(a, s) for a, s in zip(args, specs, strict=True))
 
 
 def axes_of(mesh, batch_axes) -> BatchAxes:

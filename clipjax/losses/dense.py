@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from clipjax.losses.common import BatchAxes
+from clipjax.losses.common import BatchAxes, conform
 
 
 def _local(x, y, ids, s, t, *, kind: str, axes: BatchAxes):
@@ -52,7 +52,6 @@ def dense_loss(x, y, ids, s, t, *, kind: str, mesh, axes: BatchAxes):
     local = functools.partial(_local, kind=kind, axes=axes)
     if mesh is None:
         return local(x, y, ids, s, t)
-    row, vec = P(axes.name, None), P(axes.name)
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(row, row, vec, P(), P()),
-        out_specs=P(), check_vma=True)(x, y, ids, s, t)
+    specs = (P(axes.name, None), P(axes.name, None), P(axes.name), P(), P())
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)(
+        *conform(mesh, (x, y, ids, s, t), specs))

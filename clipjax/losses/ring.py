@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from clipjax.errors import ClipjaxError
-from clipjax.losses.common import BatchAxes
+from clipjax.losses.common import BatchAxes, conform
 
 
 def _tiles(tree, n: int):
@@ -183,6 +183,7 @@ def ring_loss(x, y, ids, s, t, *, kind: str, mesh, axes: BatchAxes, chunk: int =
     bwd = functools.partial(_backward_local, **static)
     if mesh is not None:
         row, vec = P(axes.name, None), P(axes.name)
+        x, y, ids, s, t = conform(mesh, (x, y, ids, s, t), (row, row, vec, P(), P()))
         res = (vec, vec, vec) if kind == "softmax" else ()
         fwd = jax.shard_map(fwd, mesh=mesh, in_specs=(row, row, vec, P(), P()),
                             out_specs=((P(),) * 4, res), check_vma=False)
