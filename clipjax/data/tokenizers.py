@@ -300,15 +300,18 @@ def _resolve_bpe_path(path: str) -> str:
 
 
 def build_tokenizer(model_cfg) -> ClipBpeTokenizer | SentencePieceTokenizer:
-    """The tokenizer `model_cfg` asks for, checked against the text tower's vocabulary."""
+    """The tokenizer `model_cfg` asks for, checked against the text tower.
+
+    A fresh instance each call (the vocab file is parsed once per process).
+    """
     kind = model_cfg.tokenizer.kind
     path = model_cfg.tokenizer.path
     length = int(model_cfg.text.context_length)
     pool = model_cfg.text.get("pool", "argmax")
     if kind == "clip_bpe":
-        tok = _cached_bpe(path, length)
+        tok = ClipBpeTokenizer(path, context_length=length)
     elif kind == "sentencepiece":
-        tok = _cached_sentencepiece(path, length)
+        tok = SentencePieceTokenizer(path, context_length=length)
     else:
         raise ConfigError("model.tokenizer.kind", f"unknown tokenizer {kind!r}")
     if tok.vocab_size > model_cfg.text.vocab_size:
@@ -322,27 +325,9 @@ def build_tokenizer(model_cfg) -> ClipBpeTokenizer | SentencePieceTokenizer:
             f"'argmax' pooling finds the end token as the highest id, but this {kind} "
             f"tokenizer's end token is {tok.eot_id} of {tok.vocab_size}; use "
             "--config.model.text.pool=last, or a model trained by train_sentencepiece")
-    if pool == "last" and tok.pad_id != tok.eot_id:
-        tok = _with_pad(tok, tok.eot_id)
+    if pool == "last":
+        tok.pad_id = tok.eot_id
     return tok
-
-
-def _with_pad(tok, pad_id: int):
-    import copy
-
-    out = copy.copy(tok)
-    out.pad_id = pad_id
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_bpe(path: str, length: int) -> ClipBpeTokenizer:
-    return ClipBpeTokenizer(path, context_length=length)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_sentencepiece(path: str, length: int) -> SentencePieceTokenizer:
-    return SentencePieceTokenizer(path, context_length=length)
 
 
 # --------------------------------------------------------------------------- training
