@@ -65,3 +65,41 @@ def configure_process() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "clipjax", *sys.argv[1:]], env)
+
+
+def _on_tpu_pod(env) -> bool:
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def _under_slurm(env) -> bool:
+    return int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env
+
+
+def initialize_distributed(runtime_cfg, environ: dict[str, str] | None = None) -> bool:
+    """Calls `jax.distributed.initialize` when the job spans several processes.
+
+    `runtime.distributed`: 'off' never; 'on' always; 'auto' when a coordinator
+    is configured, on a multi-host TPU pod, or in a multi-task SLURM step. Explicit
+    `coordinator_address` / `num_processes` / `process_id` are passed through
+    (CPU multi-process runs need them); otherwise JAX discovers them itself
+    (TPU metadata, SLURM variables). Must run before anything touches a device.
+    Returns whether it initialised.
+    """
+    import jax
+
+    env = os.environ if environ is None else environ
+    mode = runtime_cfg.distributed
+    explicit = bool(runtime_cfg.coordinator_address)
+    if mode == "off" or (mode == "auto" and not (explicit or _on_tpu_pod(env)
+                                                 or _under_slurm(env))):
+        return False
+    kwargs = {}
+    if runtime_cfg.coordinator_address:
+        kwargs["coordinator_address"] = runtime_cfg.coordinator_address
+    if runtime_cfg.num_processes:
+        kwargs["num_processes"] = int(runtime_cfg.num_processes)
+    if runtime_cfg.process_id >= 0:
+        kwargs["process_id"] = int(runtime_cfg.process_id)
+    jax.distributed.initialize(**kwargs)
+    return True

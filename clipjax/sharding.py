@@ -111,7 +111,7 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rule_set: Rules) -> Any:
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
               axes: Sequence[str]) -> dict[str, jax.Array]:
-    """Host-local numpy batch → global jax.Arrays split over `axes` (each process feeds its part)."""
+    """Host-local numpy batch → global jax.Arrays split over `axes` (each process feeds its own)."""
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)

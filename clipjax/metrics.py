@@ -1,0 +1,160 @@
+"""Training metrics: WORKDIR/metrics.jsonl, TensorBoard scalars, a progress bar, and MFU.
+
+Only process 0 writes. MFU is model FLOPs per second (counted analytically
+from the architecture: 3 × forward per sample, plus one more forward per
+sample under GradCache accumulation is *not* counted — it is recomputation)
+over the peak of the devices, given in `train.peak_flops` or measured with a
+matmul at start-up. CPU devices in one process share the same cores, so on
+CPU the peak is per process, not per emulated device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def measure_peak_flops(device: jax.Device | None = None, *, seconds: float = 0.5) -> float:
+    """FLOP/s of a large square matmul on one device (float32 on CPU, bfloat16 elsewhere).
+
+    The best of a few timed runs: an upper bound a real step can approach.
+    """
+    device = device or jax.local_devices()[0]
+    cpu = device.platform == "cpu"
+    n, dtype = (2048, jnp.float32) if cpu else (8192, jnp.bfloat16)
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    b = jax.device_put(jnp.ones((n, n), dtype), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best, spent, runs = math.inf, 0.0, 0
+    while (spent < seconds and runs < 20) or runs < 3:
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        dt = time.perf_counter() - t0
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return 2.0 * n**3 / best
+
+
+def peak_flops_total(config_peak: float, devices: list[jax.Device] | None = None) -> float:
+    """The job's peak FLOP/s: per-device peak (config or measured) × independent devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    per_device = float(config_peak) or measure_peak_flops()
+    if devices[0].platform == "cpu":  # emulated CPU devices of a process share its cores
+        return per_device * jax.process_count()
+    return per_device * len(devices)
+
+
+def model_flops_per_step(config) -> float:
+    """Analytic training FLOPs of one step: 3 × forward FLOPs per sample × global batch."""
+    from clipjax.models import flops
+
+    return 3.0 * float(flops.forward_flops_per_sample(config.model)) * config.data.batch_size
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, np.ndarray | np.generic | jax.Array):
+        v = np.asarray(v)
+        return v.item() if v.size == 1 else v.tolist()
+    return v
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard + tqdm (on a terminal), all from process 0 only.
+
+    `start_step` > 0 (a resumed run) drops jsonl lines past it and purges
+    TensorBoard events past it, so each file holds one consistent history.
+    """
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+                 enabled: bool | None = None, progress: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        truncate_after(self.path, start_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, TB_DIR),
+                                     purge_step=start_step if start_step else None)
+        except ImportError:  # TensorBoard is optional; the jsonl is the record
+            self._tb = None
+        if progress is None:
+            progress = sys.stderr.isatty()
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                             dynamic_ncols=True)
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> dict[str, Any]:
+        row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
+        if not self.enabled:
+            return row
+        self._file.write(json.dumps(row, allow_nan=True) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if (k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+                        and math.isfinite(v)):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+            self._tb.flush()
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
+                                  ips=f"{row.get('images_per_sec', 0):.1f}", refresh=False)
+        return row
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Drops the lines of a metrics.jsonl whose step is past `step` (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a torn last line from a killed run
+            continue
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+def read(workdir: str) -> list[dict[str, Any]]:
+    """The rows of WORKDIR/metrics.jsonl."""
+    with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

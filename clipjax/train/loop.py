@@ -1,0 +1,205 @@
+"""The training loop: mesh → input → sharded state (fresh or resumed) → steps → checkpoints.
+
+Reads top to bottom like the run it drives. Everything that decides numbers
+lives in `program` (pure, jitted); this module owns the side effects: the
+data iterator, checkpoints, metrics, signals and the clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
+
+from clipjax import checkpoint, metrics, sharding
+from clipjax.errors import ClipjaxError
+from clipjax.train import program as program_lib
+from clipjax.train import warmstart
+from clipjax.train.checkpointing import Checkpointer
+
+log = logging.getLogger("clipjax.train")
+
+EXIT_NONFINITE = 3  # `train.nonfinite='stop'` ended the run (after checkpointing)
+
+
+class Preemption:
+    """SIGTERM sets a flag; the loop checkpoints at the next step and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a test thread): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """True when any process was asked to stop (all processes must save together)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
+        return bool(np.max(flags))
+
+
+def _initial_state(program, config: ConfigDict):
+    state = program.init()
+    if config.train.init_from:
+        params, taken = warmstart.load_initial_params(
+            config.train.init_from, config.train.init_from_keys, state.params)
+        # The optimizer state of fresh params is zeros: re-init it around the loaded params.
+        state = state.replace(params=params)
+        print(f"clipjax train: {len(taken)} params from {config.train.init_from}", flush=True)
+    return state
+
+
+def _peak(config: ConfigDict) -> float:
+    try:
+        return metrics.peak_flops_total(config.train.peak_flops)
+    except Exception as e:  # MFU is a report, never a reason to fail a run
+        log.warning("cannot measure peak FLOP/s: %s", e)
+        return math.nan
+
+
+def _flops(config: ConfigDict) -> float:
+    try:
+        return metrics.model_flops_per_step(config)
+    except Exception as e:
+        log.warning("cannot count model FLOPs: %s", e)
+        return math.nan
+
+
+def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> int:
+    """Runs (or resumes) training in `workdir`; returns the process exit status."""
+    # ---- mesh and program
+    mesh = sharding.make_mesh(config.mesh)
+    program = program_lib.build(config, mesh)
+    total = int(config.train.steps)
+    batch_size = int(config.data.batch_size)
+
+    # ---- input (this process's shard)
+    from clipjax.data.pipeline import build_train_pipeline
+
+    pipeline = build_train_pipeline(config, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+
+    # ---- state: resume from the newest good checkpoint, else fresh (or warm-started)
+    if jax.process_index() == 0:
+        checkpoint.write_config(workdir, config)
+    ckpt = Checkpointer(workdir, keep=int(config.train.keep),
+                        keep_every=int(config.train.keep_every))
+    state = ckpt.restore_latest(program.abstract_state, pipeline)
+    if state is None:
+        state = _initial_state(program, config)
+        start = 0
+    else:
+        start = int(jax.device_get(state.step))
+        print(f"clipjax train: resumed from step {start}", flush=True)
+
+    # ---- compile ahead of the loop, so step times exclude it
+    t0 = time.perf_counter()
+    compiled = program.lower(state).compile()
+    compile_s = time.perf_counter() - t0
+    flops_per_step = _flops(config)
+    peak = _peak(config)
+    num_devices = jax.device_count()
+    print(f"clipjax train: mesh {dict(mesh.shape)}, {num_devices} devices, "
+          f"{jax.process_count()} processes, compiled in {compile_s:.1f}s, "
+          f"steps {start}..{total}", flush=True)
+
+    writer = metrics.MetricsWriter(workdir, total_steps=total, start_step=start,
+                                   progress=progress)
+    status = 0
+    step = start
+    last_time, last_step, data_wait = time.perf_counter(), start, 0.0
+    try:
+        with Preemption() as preemption, program.context():
+            while step < total:
+                t_data = time.perf_counter()
+                local = next(pipeline)
+                data_wait += time.perf_counter() - t_data
+                state, out = compiled(state, program.global_batch(local))
+                step += 1
+                writer.advance()
+
+                stop_nonfinite = False
+                if config.train.nonfinite == "stop":
+                    stop_nonfinite = bool(jax.device_get(out["skipped"]))
+                if step % config.train.log_every == 0 or step == total or stop_nonfinite:
+                    fetched = jax.device_get(out)
+                    now = time.perf_counter()
+                    row = _row(fetched, step, step - last_step, now - last_time, data_wait,
+                               batch_size, num_devices, flops_per_step, peak, pipeline.skipped)
+                    writer.write(step, row)
+                    last_time, last_step, data_wait = now, step, 0.0
+
+                if stop_nonfinite:
+                    ckpt.save(state, pipeline, force=True, metadata={"reason": "nonfinite"})
+                    print(f"clipjax train: non-finite loss at step {step}; saved the last "
+                          "finite state and stopped (train.nonfinite='stop')", flush=True)
+                    status = EXIT_NONFINITE
+                    break
+                if step % config.train.ckpt_every == 0 or step == total:
+                    ckpt.save(state, pipeline)
+                if step < total and preemption.agreed():
+                    ckpt.save(state, pipeline, force=True, metadata={"reason": "preempted"})
+                    print(f"clipjax train: SIGTERM: saved step {step}, exiting", flush=True)
+                    break
+    finally:
+        ckpt.close()
+        writer.close()
+    return status
+
+
+def _row(m: dict[str, Any], step: int, steps: int, seconds: float, data_wait: float,
+         batch_size: int, num_devices: int, flops_per_step: float, peak: float,
+         skipped: dict[str, int]) -> dict[str, Any]:
+    step_time = seconds / max(steps, 1)
+    ips = batch_size / step_time if step_time > 0 else math.nan
+    row = {
+        "loss": m["loss"],
+        "lr": m["lr"],
+        "i2t_acc": m.get("i2t_acc"),
+        "t2i_acc": m.get("t2i_acc"),
+        "logit_scale": m.get("logit_scale"),
+        "grad_norm": m["grad_norm"],
+        "param_norm": m["param_norm"],
+        "examples_seen": step * batch_size,
+        "step_time": step_time,
+        "data_wait": data_wait / max(steps, 1),
+        "images_per_sec": ips,
+        "images_per_sec_per_device": ips / num_devices,
+        "mfu": flops_per_step / step_time / peak if step_time > 0 else math.nan,
+        "nonfinite_steps": m["nonfinite_steps"],
+        "skipped_samples": int(sum(skipped.values())),
+    }
+    if "logit_bias" in m:
+        row["logit_bias"] = m["logit_bias"]
+    if "positives" in m:
+        row["positives"] = m["positives"]
+    for reason, count in sorted(skipped.items()):
+        row[f"skipped/{reason}"] = int(count)
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def run(config: ConfigDict, workdir: str) -> int:
+    """Entry point for the CLI; a missing workdir parent etc. surfaces as ClipjaxError."""
+    if not workdir:
+        raise ClipjaxError("--workdir is required")
+    return train(config, workdir)
