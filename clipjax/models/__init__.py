@@ -1,0 +1,20 @@
+"""CLIP models in flax linen: ViT and ModifiedResNet image towers, the text
+transformer, and the two-tower `Clip`, all built from `config.model`."""
+
+from clipjax.models.clip import (
+    INIT_COMPILER_OPTIONS,
+    Clip,
+    abstract_params,
+    build_model,
+    dummy_inputs,
+    init_boxed,
+    init_params,
+    l2_normalize,
+    logical_axes,
+)
+from clipjax.models.scan import is_scanned, stack_layers, unstack_layers
+
+__all__ = [
+    "INIT_COMPILER_OPTIONS", "Clip", "abstract_params", "build_model", "dummy_inputs", "init_boxed", "init_params",
+    "is_scanned", "l2_normalize", "logical_axes", "stack_layers", "unstack_layers",
+]

@@ -1,0 +1,68 @@
+"""OpenAI's text transformer (open_clip `TextTransformer` as CLIP embeds it).
+
+token + learned position embeddings -> causal pre-LN blocks -> ln_final ->
+pool one token per sequence -> projection. Pooling 'argmax' takes the position
+of the highest token id, which for CLIP's BPE is the end-of-text token.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from clipjax.errors import ClipjaxError
+from clipjax.models.layers import Transformer, constrain, layer_norm, logical, normal
+
+
+def pool_tokens(x, tokens, pool: str):
+    """[B, L, W] -> [B, W]: the features at the position `pool` names."""
+    if pool == "first":
+        return x[:, 0]
+    if pool == "last":
+        return x[:, -1]
+    index = jnp.argmax(tokens, axis=-1)  # first maximum, as torch.argmax
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+
+
+class TextTransformer(nn.Module):
+    context_length: int
+    vocab_size: int
+    width: int
+    layers: int
+    heads: int
+    output_dim: int
+    mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    pool: str = "argmax"
+    scan: bool = False
+    remat: str = "none"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        w = self.width
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        token_embedding = self.param(
+            "token_embedding", logical(normal(0.02), ("vocab", "embed")),
+            (self.vocab_size, w), self.param_dtype)
+        positional = self.param(
+            "positional_embedding", logical(normal(0.01), ("length", "embed")),
+            (self.context_length, w), self.param_dtype)
+        projection = self.param(
+            "text_projection", logical(normal(w ** -0.5), ("embed", "joint")),
+            (w, self.output_dim), self.param_dtype)
+
+        length = tokens.shape[-1]
+        if length > self.context_length:
+            raise ClipjaxError(
+                f"text of {length} tokens is longer than the context length "
+                f"{self.context_length}")
+        x = jnp.take(token_embedding, tokens, axis=0).astype(self.dtype)
+        x = x + positional[:length].astype(self.dtype)
+        x = constrain(x)
+        x = Transformer(w, self.layers, self.heads, self.mlp_ratio, self.act, causal=True,
+                        scan=self.scan, remat=self.remat, name="transformer", **kw)(x)
+        x = layer_norm(name="ln_final", **kw)(x)
+        pooled = pool_tokens(x, tokens, self.pool)
+        return pooled @ projection.astype(self.dtype)
