@@ -105,6 +105,15 @@ def test_clip_bpe_matches_get_tokenizer_and_short_context(open_clip, bpe):
     assert (bpe.sot_id, bpe.eot_id) == (reference.sot_token_id, reference.eot_token_id)
 
 
+def test_ascii_pretokenizer_equals_the_unicode_one(bpe):
+    """The stdlib fast path for ASCII text splits exactly as OpenAI's `regex` pattern."""
+    rng = random.Random(0)
+    alphabet = [chr(i) for i in range(128)] + ["'s", "'ll", "'re", "<start_of_text>", "'"]
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))).lower()
+        assert tokenizers._PRETOKEN_ASCII.findall(text) == bpe._pattern.findall(text), text
+
+
 def test_clip_bpe_layout_and_decode(bpe):
     ids = bpe(["a photo of a cat", "word " * 100])
     row = ids[0]

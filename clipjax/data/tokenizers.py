@@ -24,6 +24,7 @@ import gzip
 import html
 import importlib.util
 import io
+import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -41,6 +42,10 @@ _PRETOKEN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # html.unescape (no '&', no control characters but whitespace, nothing non-ASCII),
 # so the common plain-ASCII caption skips ftfy's cost.
 _FTFY_NOOP = re.compile(r"[\t\n\x0c\r\x20-\x25\x27-\x7e]*")
+# The same pre-tokenisation for lower-case ASCII text, in the stdlib engine (~2x
+# faster than `regex` with Unicode classes): there \p{L} is [a-z] and \p{N} is [0-9].
+_PRETOKEN_ASCII = re.compile(
+    rf"{SOT}|{EOT}|'(?:s|t|re|ve|m|ll|d)|[a-z]+|[0-9]|[^\sa-z0-9]+", re.ASCII)
 
 
 def default_bpe_path() -> str:
@@ -171,10 +176,9 @@ class ClipBpeTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """The text's ids, without start/end tokens or padding."""
-        ids: list[int] = []
-        for pretoken in self._pattern.findall(_clean(text)):
-            ids.extend(self._word_ids(pretoken))
-        return ids
+        text = _clean(text)
+        pattern = _PRETOKEN_ASCII if text.isascii() else self._pattern
+        return list(itertools.chain.from_iterable(map(self._word_ids, pattern.findall(text))))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` (special tokens kept, padding and ids past the end token dropped)."""
