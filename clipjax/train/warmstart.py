@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from clipjax import checkpoint
+from clipjax import checkpoint, models
 from clipjax.errors import ClipjaxError, ConfigError
 from clipjax.optim import path_str
 
@@ -38,6 +38,8 @@ def load_initial_params(source: str, keys: str, params: Any) -> tuple[Any, list[
     mgr = checkpoint.manager(workdir, read_only=True, async_save=False)
     try:
         meta = mgr.item_metadata(step)["params"]
+        if models.is_scanned(meta) != models.is_scanned(params):
+            return _load_relayout(workdir, step, keys, params, wanted)
         theirs = _flat(meta)
         missing = sorted(k for k in wanted if k not in theirs)
         wrong = sorted(k for k in wanted if k in theirs
@@ -66,6 +68,24 @@ def load_initial_params(source: str, keys: str, params: Any) -> tuple[Any, list[
         lambda p, x: got[path_str(p)].astype(x.dtype) if path_str(p) in wanted else x, params)
     log.info("init_from %s step %d: %d params matching %r", workdir, step, len(taken), keys)
     return out, taken
+
+
+def _load_relayout(workdir: str, step: int, keys: str, params: Any,
+                   wanted: set[str]) -> tuple[Any, list[str]]:
+    """The source stores the other layer layout (scanned vs unrolled): restore it on one
+    device, convert with `stack_layers` / `unstack_layers`, then place each leaf."""
+    source = checkpoint.restore_params(workdir, step)
+    convert = models.stack_layers if models.is_scanned(params) else models.unstack_layers
+    theirs = _flat(convert(source))
+    mine = _flat(params)
+    bad = sorted(k for k in wanted if k not in theirs or theirs[k].shape != mine[k].shape)
+    if bad:
+        raise ClipjaxError(f"train.init_from={workdir}: the checkpoint does not fit this model's "
+                           f"params matching {keys!r}: {bad[:5]}")
+    out = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.device_put(theirs[path_str(p)].astype(x.dtype), x.sharding)
+        if path_str(p) in wanted else x, params)
+    return out, sorted(wanted)
 
 
 def _target(path: str, meta, mine: dict[str, Any], wanted: set[str]):
