@@ -1,0 +1,104 @@
+"""MNIST-style IDX files (MNIST, Fashion-MNIST), gzipped or not.
+
+Reusable by the converter and the evaluator: `read_idx(path)` returns the
+array; `load_split(directory, split)` returns images and labels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+
+from clipjax.errors import ClipjaxError
+
+# Debian's `dataset-fashion-mnist` package installs the files here.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+MNIST_CLASSES = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
+
+_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
+    """Decodes the bytes of one IDX file: magic (0, 0, dtype, ndim), big-endian dims, data."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
+        raise ClipjaxError(f"{name}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ClipjaxError(f"{name}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_DTYPES[raw[2]])
+    count = int(np.prod(dims)) if dims else 1
+    if len(raw) - header < count * dtype.itemsize:
+        raise ClipjaxError(f"{name}: holds fewer values than its header's shape {dims}")
+    data = np.frombuffer(raw, dtype, count=count, offset=header).reshape(dims)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads `path` (or `path.gz`) into a native-endian numpy array."""
+    if not os.path.exists(path) and os.path.exists(path + ".gz"):
+        path += ".gz"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ClipjaxError(f"cannot read IDX file {path}: {e.strerror or e}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ClipjaxError(f"{path}: broken gzip stream: {e}") from None
+    return parse_idx(raw, path)
+
+
+def split_files(directory: str, split: str) -> tuple[str, str]:
+    """The (images, labels) paths of `split` ('train' or 'test') under `directory`."""
+    if split not in _PREFIX:
+        raise ClipjaxError(f"IDX split must be 'train' or 'test'; got {split!r}")
+    prefix = _PREFIX[split]
+    paths = []
+    for kind, nd in (("images", 3), ("labels", 1)):
+        base = os.path.join(directory, f"{prefix}-{kind}-idx{nd}-ubyte")
+        for cand in (base, base + ".gz", f"{prefix}-{kind}.idx{nd}-ubyte"):
+            if os.path.exists(cand):
+                paths.append(cand)
+                break
+        else:
+            raise ClipjaxError(f"{directory}: no {os.path.basename(base)}[.gz] for split {split!r}")
+    return paths[0], paths[1]
+
+
+def load_split(directory: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, H, W] and int64 labels [N] of an MNIST-style directory."""
+    img_path, lbl_path = split_files(directory, split)
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ClipjaxError(
+            f"{directory}: images {images.shape} and labels {labels.shape} do not match")
+    return images.astype(np.uint8, copy=False), labels.astype(np.int64)
+
+
+def default_classes(directory: str) -> tuple[str, ...]:
+    """Fashion-MNIST names when the directory says so, digits otherwise."""
+    fashion = "fashion" in os.path.abspath(directory).lower()
+    return FASHION_MNIST_CLASSES if fashion else MNIST_CLASSES
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Writes an IDX file (gzipped when `path` ends in .gz); for tests and small tools."""
+    codes = {np.dtype(v).newbyteorder("="): k for k, v in _DTYPES.items()}
+    arr = np.asarray(array)
+    code = codes[arr.dtype.newbyteorder("=")]
+    header = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
+    raw = header + arr.astype(np.dtype(_DTYPES[code])).tobytes()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(raw)

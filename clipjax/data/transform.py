@@ -1,0 +1,137 @@
+"""Raw record -> training example, and the batching that counts what was skipped.
+
+`TrainTransform` runs in the decode workers: caption checks, image header
+check, decode, random resized crop, tokenization. A bad sample becomes a
+`{"skip": reason, "key": key}` marker instead of an exception, so the counts
+travel with the data (and with the iterator state) to the main process.
+`SkipCountingBatch` groups good examples into batches of exactly `batch_size`,
+normalises the pixels once per batch, and attaches the skip counts met on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from clipjax.data import decode
+from clipjax.data.augment import RandomResizedCrop
+from clipjax.data.preprocess import normalize
+
+MAX_BAD_KEYS = 8  # per batch; the pipeline keeps the first few overall
+
+
+def is_skip(example) -> bool:
+    return "skip" in example
+
+
+class TrainTransform:
+    """(record, rng) -> {"image": uint8 [S,S,3], "text": int32 [L]} or a skip marker."""
+
+    def __init__(self, model_cfg, augment_cfg, *, max_pixels: int, tokenizer=None):
+        img = model_cfg.image
+        self.crop = RandomResizedCrop(
+            img.image_size, augment_cfg.crop_scale, augment_cfg.crop_ratio,
+            flip=bool(augment_cfg.flip), interpolation=img.get("interpolation", "bicubic"))
+        self.max_pixels = int(max_pixels)
+        self.model_cfg = model_cfg
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:  # built where it runs: in each worker process
+            from clipjax.data.tokenizers import build_tokenizer
+
+            self._tokenizer = build_tokenizer(self.model_cfg)
+        return self._tokenizer
+
+    def example(self, record: dict, rng: np.random.Generator) -> dict:
+        """Raises decode.BadSample for a sample to skip."""
+        if record.get("error"):
+            raise decode.BadSample(record["error"])
+        candidates = decode.caption_candidates(
+            record["text"], split_lines=record.get("caption_lines", False))
+        caption = decode.pick_caption(candidates, record.get("caption_choice", "random"), rng)
+        image = record["image"]
+        if isinstance(image, np.ndarray):
+            pil = decode.array_image(image)
+        else:
+            pil = decode.open_image(image, self.max_pixels)
+        pixels = self.crop(pil, rng)
+        tokens = np.asarray(self.tokenizer(caption), np.int32).reshape(-1)
+        return {"image": pixels, "text": tokens}
+
+    def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+        try:
+            return self.example(record, rng)
+        except decode.BadSample as e:
+            return {"skip": e.reason, "key": record.get("key", "?")}
+
+
+def _merge_counts(into: dict[str, int], more: dict[str, int]) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0) + int(v)
+
+
+class _SkipCountingBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, batch_size: int, mean, std, drop_remainder: bool):
+        super().__init__(parent)
+        self.batch_size = batch_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.drop_remainder = drop_remainder
+
+    def __next__(self) -> dict:
+        images, texts, skipped, bad = [], [], {}, []
+        while len(images) < self.batch_size:
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                if self.drop_remainder or (not images and not skipped):
+                    raise
+                break
+            if is_skip(ex):
+                skipped[ex["skip"]] = skipped.get(ex["skip"], 0) + 1
+                if len(bad) < MAX_BAD_KEYS:
+                    bad.append(f"{ex['key']} ({ex['skip']})")
+                continue
+            images.append(ex["image"])
+            texts.append(ex["text"])
+        return {"image": self._pixels(images), "text": _stack_tokens(texts),
+                "_skipped": skipped, "_bad": bad}
+
+    def _pixels(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, 0, 0, 3), np.float32)
+        return normalize(np.stack(images), self.mean, self.std)
+
+    def get_state(self):
+        # A batch is emitted exactly where the parent stands: nothing is pending.
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+def _stack_tokens(texts):
+    if not texts:
+        return np.zeros((0, 0), np.int32)
+    return np.stack(texts).astype(np.int32, copy=False)
+
+
+class SkipCountingBatch(grain.IterDataset):
+    """Batches of exactly `batch_size` good examples (the last may be short when finite)."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, mean, std, *,
+                 drop_remainder: bool = False):
+        super().__init__(parent)
+        self.batch_size = int(batch_size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.drop_remainder = drop_remainder
+
+    def __iter__(self):
+        return _SkipCountingBatchIterator(self._parent.__iter__(), self.batch_size, self.mean,
+                                          self.std, self.drop_remainder)
+
+    def __str__(self) -> str:
+        return f"SkipCountingBatch(batch_size={self.batch_size})"
