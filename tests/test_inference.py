@@ -156,3 +156,59 @@ def test_params_of_another_architecture_are_rejected(tiny_config, tiny):
     del params["logit_scale"]
     with pytest.raises(ClipjaxError, match="lack 'logit_scale'"):
         ClipModel.from_params(tiny_config, params)
+
+
+OPEN_CLIP_CONFIG = {  # a small OpenAI-layout ViT CLIP that open_clip builds at random init
+    "embed_dim": 64,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                 "layers": 2},
+}
+
+
+def test_encode_matches_open_clip_preprocess_and_encode(tmp_path):
+    """uint8 photos through ClipModel == open_clip's preprocess -> encode_image (1e-4 rel)."""
+    import json
+
+    import skimage.data
+    import torch
+
+    from clipjax.interop import peer
+    from clipjax.interop.state_dict import from_state_dict
+    from clipjax.models import presets
+
+    open_clip = peer.open_clip()
+    (tmp_path / "clipjax-test-vit.json").write_text(json.dumps(OPEN_CLIP_CONFIG))
+    open_clip.add_model_config(tmp_path / "clipjax-test-vit.json")
+    torch.manual_seed(0)
+    reference, _, preprocess = open_clip.create_model_and_transforms(
+        "clipjax-test-vit", pretrained=None)
+    reference.eval()
+    model_cfg = presets.from_open_clip_json(OPEN_CLIP_CONFIG)
+    state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+    model = ClipModel.from_params(model_cfg, from_state_dict(state, model_cfg))
+
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
+              skimage.data.camera()]  # 512², 400x600, 300x451, grayscale 512²
+    texts = ["a photo of an astronaut", "a cup of coffee", "a cat", "Ünïcödé 😀 &amp; more",
+             "word " * 100]
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.fromarray(p)) for p in photos])
+        want_img = reference.encode_image(pixels, normalize=True).numpy()
+        want_txt = reference.encode_text(open_clip.tokenize(texts), normalize=True).numpy()
+    got_img = model.encode_images([Image.fromarray(p) for p in photos])
+    got_arrays = model.encode_images([p for p in photos])  # uint8 arrays of varied sizes
+    got_batch = model.encode_images(np.stack([skimage.data.astronaut()] * 3))  # uint8 [N,H,W,3]
+    got_txt = model.encode_texts(texts)
+
+    def rel(a, b):
+        return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+
+    print("max relative L2 error: images", rel(got_img, want_img).max(), "texts",
+          rel(got_txt, want_txt).max())
+    assert rel(got_img, want_img).max() < 1e-4
+    assert rel(got_arrays, want_img).max() < 1e-4
+    assert rel(got_batch, want_img[:1]).max() < 1e-4
+    assert rel(got_txt, want_txt).max() < 1e-4
+    assert model.logit_scale == pytest.approx(float(reference.logit_scale.detach()), rel=1e-7)
