@@ -233,6 +233,10 @@ def test_tokenizer_cli(sp_model, tmp_path, capsys, repo_root):
                      "--config.model.tokenizer.kind=sentencepiece",
                      f"--config.model.tokenizer.path={prefix}.model", "a red cat"]) == 0
     assert capsys.readouterr().out.split()[-1] == "39"
+    missing = str(tmp_path / "gone" / tokenizers.VOCAB_FILE)
+    assert cli.main(["tokenizer", "encode", "--config", str(repo_root / "configs" / "tiny.py"),
+                     f"--config.model.tokenizer.path={missing}", "a cat"]) == 1
+    assert missing in capsys.readouterr().err
     assert cli.main(["tokenizer", "train", "--input", str(tmp_path / "none.txt"),
                      "--out", str(prefix), "--vocab-size", "40"]) == 1
     assert "none.txt" in capsys.readouterr().err
