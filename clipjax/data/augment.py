@@ -42,6 +42,7 @@ def crop_box(width: int, height: int, scale, ratio, rng: np.random.Generator):
         w, h = int(round(height * max(ratio))), height
     else:
         w, h = width, height
+    w, h = max(w, 1), max(h, 1)  # torchvision would return an empty box here
     return (width - w) // 2, (height - h) // 2, w, h
 
 

@@ -53,6 +53,7 @@ class TrainPipeline(grain.DatasetIterator):
         self.num_samples = num_samples  # one epoch of the (mixed) source, all processes
         self.skipped: dict[str, int] = dict(startup_skipped or {})
         self.first_bad: list[str] = []
+        self.keep_bad = LOG_FIRST_BAD  # how many bad keys to keep (and log)
         _LIVE.add(self)
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -62,14 +63,14 @@ class TrainPipeline(grain.DatasetIterator):
             if len(batch["text"]):
                 return batch
 
-    def _account(self, skipped: dict[str, int], bad: list[str]) -> None:
+    def _account(self, skipped: dict[str, int], bad: list) -> None:
         for k, v in skipped.items():
             self.skipped[k] = self.skipped.get(k, 0) + int(v)
-        for key in bad:
-            if len(self.first_bad) >= LOG_FIRST_BAD:
+        for key, reason in bad:
+            if len(self.first_bad) >= self.keep_bad:
                 break
             self.first_bad.append(key)
-            log.warning("skipping bad sample %s", key)
+            log.warning("skipping bad sample %s: %s", key, reason)
 
     def get_state(self) -> dict[str, Any]:
         return {"inner": self._parent.get_state(), "skipped": dict(self.skipped),
@@ -161,13 +162,13 @@ def build_stream(config: ConfigDict, *, process_index: int = 0, process_count: i
 
 def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_count: int = 1,
                          epochs: int | None = None, tokenizer=None,
-                         workers: int | None = None) -> TrainPipeline:
+                         workers: int | None = None, shuffle: bool = True) -> TrainPipeline:
     """The training iterator for this process (see the module docstring).
 
     `epochs=None` repeats forever (training); an integer stops after this
     process's share of that many epochs (the last batch may then be short).
     `tokenizer` overrides `build_tokenizer(config.model)`; `workers` overrides
-    `data.workers`.
+    `data.workers`; `shuffle=False` reads in storage order (checks).
     """
     data = config.data
     b = local_batch_size(config, process_count)
@@ -184,7 +185,8 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
         num_samples, skipped = 0, {}
     else:
         stream, num_samples, skipped = build_stream(
-            config, process_index=process_index, process_count=process_count, epochs=epochs)
+            config, process_index=process_index, process_count=process_count, epochs=epochs,
+            shuffle=shuffle)
         try:
             transform = TrainTransform(config.model, data.augment,
                                        max_pixels=data.max_image_pixels, tokenizer=tokenizer)

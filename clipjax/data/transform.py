@@ -93,7 +93,7 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
             if is_skip(ex):
                 skipped[ex["skip"]] = skipped.get(ex["skip"], 0) + 1
                 if len(bad) < MAX_BAD_KEYS:
-                    bad.append(f"{ex['key']} ({ex['skip']})")
+                    bad.append([ex["key"], ex["skip"]])
                 continue
             images.append(ex["image"])
             texts.append(ex["text"])
