@@ -137,7 +137,9 @@ class ClipModel:
             if array.ndim != 4 or array.shape[-1] != 3:
                 raise ClipjaxError(
                     f"uint8 images must be [N, H, W, 3]; got {tuple(array.shape)}")
-            return self._encode(self._image_fn, array, batch_size, self.preprocess.batch)
+            if array.shape[1:3] == (s, s):  # resize and crop are no-ops: normalise only
+                return self._encode(self._image_fn, array, batch_size, self.preprocess.batch)
+            return self._encode(self._image_fn, array, batch_size, self._preprocess_list)
         items = list(images)
         return self._encode(self._image_fn, items, batch_size, self._preprocess_list)
 
