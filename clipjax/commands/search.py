@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "saved in INDEX_DIR) instead of exact search")
     p.add_argument("--index-kind", choices=("ivf", "hnsw"), default="ivf",
                    help="approximate index kind (default ivf)")
+    p.add_argument("--nlist", type=int, default=0,
+                   help="ivf: k-means cells when the index is built (default ~sqrt(N))")
     p.add_argument("--nprobe", type=int, default=32,
                    help="ivf: cells scanned per query (recall vs speed; default 32)")
     p.add_argument("--ef-search", type=int, default=64,
@@ -40,7 +42,7 @@ def run(args) -> int:
     if args.k < 1:
         raise ClipjaxError(f"--k must be >= 1, got {args.k}")
     kind = args.index_kind if args.approximate else "exact"
-    index = search.ImageIndex.open(args.index, kind, nprobe=args.nprobe,
+    index = search.ImageIndex.open(args.index, kind, nlist=args.nlist, nprobe=args.nprobe,
                                    ef_search=args.ef_search)
     model_path, step = args.model, args.step
     if model_path is None:
