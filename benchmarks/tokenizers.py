@@ -84,6 +84,9 @@ def main() -> None:
     images = [photo] * args.images
     ours = preprocess.eval_transform(config_lib.default_config().model)
     _, _, theirs = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    import torch
+
+    torch.set_num_threads(1)  # both sides single-threaded
     r_ours, _ = rate(ours.batch, images)
     r_theirs, _ = rate(lambda xs: [theirs(x) for x in xs], images)
     print()
