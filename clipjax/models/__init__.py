@@ -15,6 +15,7 @@ from clipjax.models.clip import (
 from clipjax.models.scan import is_scanned, stack_layers, unstack_layers
 
 __all__ = [
-    "INIT_COMPILER_OPTIONS", "Clip", "abstract_params", "build_model", "dummy_inputs", "init_boxed", "init_params",
-    "is_scanned", "l2_normalize", "logical_axes", "stack_layers", "unstack_layers",
+    "INIT_COMPILER_OPTIONS", "Clip", "abstract_params", "build_model", "dummy_inputs",
+    "init_boxed", "init_params", "is_scanned", "l2_normalize", "logical_axes", "stack_layers",
+    "unstack_layers",
 ]

@@ -81,7 +81,7 @@ _QUICKGELU = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-
 
 # Tiny sizes for tests and CPU demos: the real tokenizer (vocab 49408, context 77) fits.
 _TINY = {
-    "tiny-vit": _vit(32, 32, 2, 64, 8, _text(64, 4, 2)),
+    "tiny-vit": _vit(32, 32, 2, 64, 8, _text(64, 4, 2), head_width=16),
     "tiny-rn": _rn(32, 64, (1, 1, 1, 1), 8, _text(64, 4, 2)),
     "small-vit": _vit(128, 64, 4, 192, 8, _text(128, 4, 4), head_width=48),
 }

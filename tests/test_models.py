@@ -1,0 +1,262 @@
+"""Model structure: presets against open_clip's own configs and parameter shapes (by
+eval_shape, no real init of big models), scan/unrolled equivalence, logical axes,
+sharded execution on the emulated mesh, dtypes, and the analytic FLOP counts."""
+
+import json
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+
+from clipjax.config import DEFAULT_SHARDING_RULES, default_config, validate
+from clipjax.errors import ClipjaxError
+from clipjax.interop import peer
+from clipjax.interop.state_dict import rules
+from clipjax.models import (
+    abstract_params,
+    build_model,
+    flops,
+    init_params,
+    is_scanned,
+    logical_axes,
+    presets,
+    stack_layers,
+    unstack_layers,
+)
+
+BIG = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14",
+       "ViT-L-14-336", "ViT-H-14")
+# Parameter counts of OpenAI's CLIP models; clipjax's ResNet also keeps BatchNorm's
+# running statistics (53,248 values in RN50) among its params.
+PARAMS = {"ViT-B-32": 151_277_313, "ViT-B-16": 149_620_737, "ViT-L-14": 427_616_513,
+          "RN50": 102_007_137 + 53_248}
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(tree)))
+
+
+def _open_clip_dir() -> pathlib.Path:
+    return pathlib.Path(peer.open_clip().__file__).parent / "model_configs"
+
+
+@pytest.mark.parametrize("name", [n for n in presets.names() if not n.startswith(("tiny",
+                                                                                   "small"))])
+def test_preset_equals_open_clip_json(name):
+    data = json.loads((_open_clip_dir() / f"{name}.json").read_text())
+    assert presets.model_config(name).to_dict() == presets.from_open_clip_json(data).to_dict()
+
+
+def test_every_preset_validates():
+    for name in presets.names():
+        config = default_config()
+        config.model = presets.model_config(name)
+        validate(config)
+
+
+def test_unknown_preset_lists_known_names():
+    with pytest.raises(ClipjaxError, match="unknown model preset 'ViT-Q-99'.*ViT-B-32.*RN50"):
+        presets.model_config("ViT-Q-99")
+
+
+def test_unsupported_open_clip_feature_is_named():
+    data = json.loads((_open_clip_dir() / "ViT-M-16-alt.json").read_text())
+    with pytest.raises(ClipjaxError, match="ls_init_value"):
+        presets.from_open_clip_json(data)
+    data = json.loads((_open_clip_dir() / "convnext_base.json").read_text())
+    with pytest.raises(ClipjaxError, match="timm_model_name"):
+        presets.from_open_clip_json(data)
+
+
+@pytest.mark.parametrize("name", BIG)
+def test_preset_shapes_match_open_clip(name):
+    """Every tensor of open_clip's model (built on the meta device) has a clipjax param of
+    the matching shape, through the import mapping; nothing is left over either way."""
+    torch = pytest.importorskip("torch")
+    oc = peer.open_clip()
+    data = presets.open_clip_json(name)
+    cfg = presets.model_config(name)
+    cfg.scan_layers = False
+    with torch.device("meta"):
+        model = oc.CLIP(data["embed_dim"], data["vision_cfg"], data["text_cfg"],
+                        quick_gelu=data.get("quick_gelu", False))
+    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()
+              if not k.endswith("num_batches_tracked")}
+    abstract = nn.meta.unbox(abstract_params(cfg))
+    ours = {}
+    for rule in rules(cfg):
+        leaf = abstract
+        for part in rule.path:
+            leaf = leaf[part]
+        shapes = jax.eval_shape(rule.to_torch, jax.ShapeDtypeStruct(leaf.shape, jnp.float32))
+        ours.update({k: tuple(s.shape) for k, s in zip(rule.keys, shapes)})
+    assert ours == theirs
+    if name in PARAMS:
+        assert _count(abstract) == PARAMS[name]
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32", "ViT-L-14-336", "ViT-H-14"])
+def test_preset_output_shapes(name):
+    cfg = presets.model_config(name)
+    cfg.scan_layers = cfg.image.kind == "vit"  # scanned: traces in a fraction of the time
+    model = build_model(cfg)
+    params = nn.meta.unbox(abstract_params(cfg))
+    size = cfg.image.image_size
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((2, 77), jnp.int32)
+    out = jax.eval_shape(lambda p, i, t: model.apply({"params": p}, i, t), params, images, tokens)
+    assert out["image_emb"].shape == out["text_emb"].shape == (2, cfg.embed_dim)
+    assert out["logit_scale"].shape == () and out["logit_bias"] is None
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = presets.model_config("tiny-vit")
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+    tokens = rng.integers(1, 49406, size=(4, 77)).astype(np.int32)
+    tokens[:, 7] = 49407
+    return cfg, params, images, tokens
+
+
+def _encode(cfg, params, images, tokens):
+    model = build_model(cfg)
+    fn = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t))
+    return fn(params, images, tokens)
+
+
+def test_init_matches_abstract_and_logit_scale(tiny):
+    cfg, params, _, _ = tiny
+    abstract = nn.meta.unbox(abstract_params(cfg))
+    assert jax.tree.structure(params) == jax.tree.structure(abstract)
+    assert set(params) == {"image", "text", "logit_scale"}
+    np.testing.assert_allclose(params["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
+
+
+def test_outputs_are_normalised(tiny):
+    cfg, params, images, tokens = tiny
+    out = _encode(cfg, params, images, tokens)
+    for key in ("image_emb", "text_emb"):
+        assert out[key].dtype == jnp.float32 and out[key].shape == (4, 32)
+        np.testing.assert_allclose(np.linalg.norm(out[key], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_scan_and_remat_match_unrolled(tiny):
+    cfg, params, images, tokens = tiny
+    ref = _encode(cfg, params, images, tokens)
+    stacked = stack_layers(params)
+    assert is_scanned(stacked) and not is_scanned(params)
+    assert stacked["image"]["transformer"]["blocks"]["ln_1"]["scale"].shape == (2, 64)
+    scan_cfg = presets.model_config("tiny-vit")
+    scan_cfg.scan_layers, scan_cfg.remat = True, "dots"
+    assert jax.tree.structure(nn.meta.unbox(abstract_params(scan_cfg))) == \
+        jax.tree.structure(stacked)
+    out = _encode(scan_cfg, stacked, images, tokens)
+    for key in ("image_emb", "text_emb"):
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-6)
+    back = unstack_layers(stacked)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, params))
+
+
+def test_every_param_has_logical_axes():
+    for name in ("tiny-vit", "tiny-rn"):
+        for scan in (False, True):
+            cfg = presets.model_config(name)
+            cfg.scan_layers = scan
+            abstract = nn.meta.unbox(abstract_params(cfg))
+            specs = logical_axes(cfg)
+            for leaf, spec in zip(jax.tree.leaves(abstract), jax.tree.leaves(
+                    specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+                assert len(spec) == leaf.ndim
+            if scan and name == "tiny-vit":
+                spec = specs["text"]["transformer"]["blocks"]["attn"]["qkv_kernel"]
+                assert tuple(spec) == ("layers", "embed", None, "heads", "kv")
+
+
+def test_sharded_apply_on_mesh_matches(tiny):
+    """fsdp + tensor parallel on the 8-device CPU mesh: params sharded by the logical
+    rules, activations constrained; same numbers as the single-device run."""
+    cfg, params, images, tokens = tiny
+    ref = _encode(cfg, params, images, tokens)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"),
+                         axis_types=(AxisType.Auto,) * 3)
+    rules_ = DEFAULT_SHARDING_RULES
+    specs = nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, rules_)
+    sharded = jax.device_put(params, specs)
+    qkv = sharded["image"]["transformer"]["blocks_0"]["attn"]["qkv_kernel"]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, "model", None)
+    model = build_model(cfg)
+    batch = NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules_):
+        fn = jax.jit(lambda p, i, t: model.apply({"params": p}, i, t))
+        out = fn(sharded, jax.device_put(images, batch), jax.device_put(tokens, batch))
+    for key in ("image_emb", "text_emb"):
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_and_per_tower_dtype(tiny):
+    cfg, params, images, tokens = tiny
+    ref = _encode(cfg, params, images, tokens)
+    bf = presets.model_config("tiny-vit")
+    bf.dtype, bf.text.dtype = "bfloat16", "float32"
+    out = _encode(bf, params, images, tokens)
+    assert out["image_emb"].dtype == jnp.float32
+    np.testing.assert_allclose(out["image_emb"], ref["image_emb"], atol=3e-2)
+    np.testing.assert_allclose(out["text_emb"], ref["text_emb"], rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(out["image_emb"], ref["image_emb"])
+
+
+def test_logit_bias_and_init_values():
+    cfg = presets.model_config("tiny-vit")
+    cfg.use_logit_bias, cfg.logit_bias_init, cfg.logit_scale_init = True, -7.5, 2.0
+    abstract = nn.meta.unbox(abstract_params(cfg))
+    assert abstract["logit_bias"].shape == ()
+    params = init_params(cfg, jax.random.key(1))
+    assert float(params["logit_bias"]) == -7.5 and float(params["logit_scale"]) == 2.0
+    model = build_model(cfg)
+    scale, bias = model.apply({"params": params}, method=lambda m: (m.logit_scale, m.logit_bias))
+    assert float(bias) == -7.5 and float(scale) == 2.0
+
+
+def test_text_longer_than_context_is_an_error(tiny):
+    cfg, params, _, _ = tiny
+    model = build_model(cfg)
+    with pytest.raises(ClipjaxError, match="longer than the context length 77"):
+        model.apply({"params": params}, jnp.zeros((1, 80), jnp.int32), method="encode_text")
+
+
+def _xla_flops(cfg, method, shape, dtype):
+    model = build_model(cfg)
+    params = nn.meta.unbox(abstract_params(cfg))
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))
+    return fn.lower(params, jax.ShapeDtypeStruct(shape, dtype)).compile().cost_analysis()["flops"]
+
+
+def test_flops_agree_with_xla_cost_analysis():
+    """Matmul FLOPs are most of what XLA counts (it adds the element-wise work)."""
+    cfg = presets.from_open_clip_json(
+        presets._vit(64, 64, 2, 128, 8, presets._text(128, 4, 2)))
+    image = _xla_flops(cfg, "encode_image", (1, 64, 64, 3), jnp.float32)
+    text = _xla_flops(cfg, "encode_text", (1, 77), jnp.int32)
+    assert 0.85 < flops.image_flops(cfg) / image < 1.0
+    assert 0.85 < flops.text_flops(cfg) / text < 1.0
+    f = flops.forward_flops(cfg)
+    assert f["total"] == f["image"] + f["text"]
+    assert flops.train_flops_per_sample(cfg) == 3 * f["total"]
+
+
+def test_flops_of_known_architectures():
+    # open_clip's model profile (fvcore, multiply-adds): ViT-B-32 image 4.41 G, text 2.96 G;
+    # ViT-L-14 image 81.08 G. FLOPs are twice that.
+    b32 = presets.model_config("ViT-B-32")
+    assert 2 * 4.38e9 < flops.image_flops(b32) < 2 * 4.44e9
+    assert 2 * 2.94e9 < flops.text_flops(b32) < 2 * 3.0e9
+    assert 2 * 80.9e9 < flops.image_flops(presets.model_config("ViT-L-14")) < 2 * 81.2e9
+    # RN50 at 224: XLA's cost analysis of the compiled tower says 11.2 GFLOPs (it skips the
+    # zero padding taps, element-wise work included); the analytic count is 11.6.
+    assert 11.0e9 < flops.image_flops(presets.model_config("RN50")) < 12.0e9
