@@ -277,3 +277,40 @@ def test_unreadable_shard_is_skipped_not_fatal(data, tmp_path, tokenizer):
     assert sorted(collect(p, tokenizer)) == sorted(all_captions()[:N_FOLDER])
     assert p.skipped == {"unreadable_shard": 4}
     p.close()
+
+
+def test_in_process_state_roundtrip(data, tokenizer):
+    c = make_config(f"{data['shards']}::{data['hand']}", batch_size=4, workers=0)
+    p = pipeline.build_train_pipeline(c, tokenizer=tokenizer)
+    for _ in range(4):
+        next(p)
+    state = json.loads(json.dumps(p.get_state()))  # what grain's handler writes
+    expected = [next(p)["text"] for _ in range(5)]
+    p.close()
+    q = pipeline.build_train_pipeline(c, tokenizer=tokenizer)
+    q.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(q)["text"], want)
+    q.close()
+
+
+def test_remote_paths_through_fsspec_and_index_cache(data, tokenizer, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    local = sorted((data["root"] / "shards").glob("*.tar"))
+    for path in local:
+        fs.pipe(f"/remote/{path.name}", path.read_bytes())
+    c = make_config(f"memory://remote/{{00000..{len(local) - 1:05d}}}.tar", batch_size=5)
+    c.data.index_cache = str(tmp_path / "index")
+    p = pipeline.build_train_pipeline(c, epochs=1, tokenizer=tokenizer)
+    assert sorted(collect(p, tokenizer)) == sorted(all_captions()[:N_FOLDER])
+    p.close()
+    assert len(list((tmp_path / "index").glob("*.json"))) == len(local)  # no sizes.json: scanned
+    url = f"memory://remote/{local[0].name}"
+    cached = webdataset.index_shard(url, str(tmp_path / "index"))  # read back from the cache
+    assert cached == webdataset.index_shard(url) and len(cached) == 5
+    fs.pipe("/remote/sizes.json", json.dumps({p.name: 5 for p in local}).encode())
+    assert webdataset.known_sizes([f"memory://remote/{local[0].name}"]) == {
+        f"memory://remote/{local[0].name}": 5}
+    fs.rm("/remote", recursive=True)
