@@ -231,12 +231,12 @@ def test_restore_through_orbax_continues_identically(data, tokenizer, tmp_path):
 
     c = make_config(f"{data['shards']}::{data['hand']}", batch_size=3, workers=2)
     p = pipeline.build_train_pipeline(c, tokenizer=tokenizer)
-    for _ in range(5):  # past the first epoch boundary (27 samples = 9 batches) is not needed
+    for _ in range(5):
         next(p)
-    mgr = checkpoint.manager(str(tmp_path), async_save=False)
+    mgr = checkpoint.manager(str(tmp_path))  # async, as the trainer saves
     mgr.save(5, args=ocp.args.Composite(data=p.save_args()))
+    expected = [next(p) for _ in range(6)]  # advancing while the save may still run
     mgr.wait_until_finished()
-    expected = [next(p) for _ in range(6)]
     skipped_then = dict(p.skipped)
     p.close()
 
