@@ -100,6 +100,9 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+_BLOCK = 1 << 16  # pixels per normalisation block
+
+
 @functools.lru_cache(maxsize=16)
 def _lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """[3*256] float32: ((v / 255) - mean) / std per channel, computed as torchvision does."""
@@ -112,7 +115,7 @@ def _lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 [..., 3] → float32 `(x / 255 - mean) / std`, bit-identical to ToTensor+Normalize.
 
-    A per-channel lookup table: one gather instead of four float passes (2-3x faster).
+    A per-channel lookup table over cache-sized blocks: 2-3x faster than the arithmetic.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.shape[-1] != 3:
@@ -120,8 +123,11 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
             f"normalize takes uint8 [..., 3] images; got {images.dtype} {tuple(images.shape)}")
     lut = _lut(tuple(float(x) for x in mean), tuple(float(x) for x in std)).reshape(3, 256)
     out = np.empty(images.shape, np.float32)
-    for c in range(3):
-        out[..., c] = lut[c].take(images[..., c])
+    pixels, flat = np.ascontiguousarray(images).reshape(-1, 3), out.reshape(-1, 3)
+    for start in range(0, len(pixels), _BLOCK):  # blocks that stay in cache
+        block, dest = pixels[start:start + _BLOCK], flat[start:start + _BLOCK]
+        for c in range(3):
+            dest[:, c] = lut[c].take(block[:, c])
     return out
 
 
