@@ -297,3 +297,21 @@ def test_data_check_command(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["samples"] == 0
     assert cli.main(["data", "check", str(tmp_path / "none.tar")]) == 1
     assert "shard not found" in capsys.readouterr().err
+
+
+def test_epoch_order_is_a_permutation_per_epoch_with_windows():
+    sizes = [3, 0, 5, 2, 7, 1, 4]
+    everything = sorted((s, i) for s, n in enumerate(sizes) for i in range(n))
+    order = sources.EpochOrder(sizes, seed=5, window=2)
+    epochs = [[order.locate(e * 22 + j) for j in range(22)] for e in range(3)]
+    for e in epochs:
+        assert sorted(e) == everything
+    assert epochs[0] != epochs[1] != epochs[2]
+    # Window 2: consecutive positions come from two shards until both are used up.
+    windows, offsets = order._epoch(0)
+    assert [len(w) for w in windows] == [2, 2, 2, 1]
+    for w, (lo, hi) in zip(windows, zip(offsets[:-1], offsets[1:])):
+        assert {s for s, _ in epochs[0][lo:hi]} <= set(w.tolist())
+        assert hi - lo == sum(sizes[s] for s in w)
+    unshuffled = sources.EpochOrder(sizes, seed=5, shuffle=False)
+    assert [unshuffled.locate(j) for j in range(22)] == everything
