@@ -132,6 +132,26 @@ def test_incremental_update_touches_only_new_and_changed_files(model, photos, tm
     assert fourth.changed == [new] and counting.encoded == n + 3
 
 
+def test_interrupted_embed_keeps_finished_batches(model, photos, tmp_path):
+    folder, paths = photos
+
+    class StopsOnSecondBatch(CountingModel):
+        def encode_images(self, images, **kw):
+            if self.encoded:
+                raise KeyboardInterrupt
+            return super().encode_images(images, **kw)
+
+    out = str(tmp_path / "idx")
+    with pytest.raises(KeyboardInterrupt):
+        EmbeddingCache.open_or_empty(out).update(StopsOnSecondBatch(model), folder,
+                                                 batch_size=4, progress=False)
+    partial = EmbeddingCache.open(out)
+    assert len(partial) == 4 and set(partial.paths) < set(paths)
+    counting = CountingModel(model)
+    report = partial.update(counting, folder, batch_size=4, progress=False)
+    assert report.unchanged == 4 and counting.encoded == len(paths) - 4
+
+
 def test_corrupt_images_are_skipped_and_listed(model, photos, tmp_path):
     _, paths = photos
     folder = tmp_path / "photos"

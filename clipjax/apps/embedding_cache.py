@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -161,13 +162,13 @@ class EmbeddingCache:
     def update(self, model, specs: str | Sequence[str], *, batch_size: int = 64,
                dtype: str | None = None, prune: bool = False, rebuild: bool = False,
                fingerprint: str | None = None, progress: bool = True,
-               workers: int = 0, save_every: int = 4096) -> UpdateReport:
+               workers: int = 0, save_interval_s: float = 600.0) -> UpdateReport:
         """Embeds the new and changed images named by `specs` and saves the cache.
 
         `prune` also drops rows of existing files that `specs` no longer names;
         `rebuild` re-embeds everything (needed to switch models or dtype). The
-        cache is saved every `save_every` new rows, so an interrupted run keeps
-        its work.
+        cache is saved every `save_interval_s` seconds and when the run stops
+        (also on an error or Ctrl-C), so an interrupted run keeps its work.
         """
         dtype = dtype or self.meta.get("dtype", "float16")
         if dtype not in DTYPES:
@@ -217,7 +218,7 @@ class EmbeddingCache:
             self._assemble(kept, dtype, model.embed_dim, record, report, rows_changed)
             self.save()
 
-        fresh = 0
+        fresh, last_save = 0, time.monotonic()
         bar = _progress(len(todo), progress, "embedding")
         try:
             for ok, pixels, bad in image_files.iter_batches(
@@ -230,9 +231,9 @@ class EmbeddingCache:
                         kept[path] = (*stats[path], row)
                     fresh += len(ok)
                 bar.update(len(ok) + len(bad))
-                if fresh >= save_every:
+                if fresh and time.monotonic() - last_save > save_interval_s:
                     commit()
-                    fresh = 0
+                    fresh, last_save = 0, time.monotonic()
         finally:
             bar.close()
             # A changed file that became unreadable keeps no stale row.
