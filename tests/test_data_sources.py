@@ -315,3 +315,16 @@ def test_epoch_order_is_a_permutation_per_epoch_with_windows():
         assert hi - lo == sum(sizes[s] for s in w)
     unshuffled = sources.EpochOrder(sizes, seed=5, shuffle=False)
     assert [unshuffled.locate(j) for j in range(22)] == everything
+
+
+def test_endless_stream_without_valid_samples_fails_clearly(tmp_path, tokenizer):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tf:
+        for name, data in (("a.jpg", b""), ("a.txt", b"zero-byte image")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    c = base_config(2, source="webdataset", urls=str(tmp_path / "bad.tar"))
+    p = pipeline.build_train_pipeline(c, tokenizer=tokenizer)
+    with pytest.raises(ClipjaxError, match="no valid sample in the last 1011 records"):
+        next(p)
+    p.close()

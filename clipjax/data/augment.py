@@ -80,8 +80,8 @@ class RandomResizedCrop:
         try:
             out = img.resize((self.size, self.size), self.resample,
                              box=(left, top, left + w, top + h))
-        except (OSError, ValueError) as e:
-            raise BadSample("decode_error", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - lazily decoded data can fail here too
+            raise BadSample("decode_error", f"{type(e).__name__}: {e}") from None
         if self.flip and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8)

@@ -37,8 +37,8 @@ def open_image(data: bytes | None, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # PIL's own limit (2x its MAX_IMAGE_PIXELS)
         raise BadSample("decompression_bomb", str(e)) from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise BadSample("decode_error", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - malformed files raise OSError, struct.error, ...
+        raise BadSample("decode_error", f"{type(e).__name__}: {e}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise BadSample("decode_error", f"size {w}x{h}")
@@ -54,8 +54,8 @@ def load_rgb(img: Image.Image, draft_size: tuple[int, int] | None = None) -> Ima
             img.draft("RGB", draft_size)
         img.load()
         return to_rgb(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadSample("decode_error", str(e)) from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
+        raise BadSample("decode_error", f"{type(e).__name__}: {e}") from None
 
 
 def decode_image(data: bytes | None, max_pixels: int) -> Image.Image:

@@ -196,7 +196,9 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
         ds = stream.random_map(transform, seed=seed)
         it = ds.to_iter_dataset(grain.ReadOptions(
             num_threads=threads, prefetch_buffer_size=max(4 * threads, min(b, 256))))
-        it = SkipCountingBatch(it, b, img.mean, img.std, drop_remainder=False)
+        # Ten epochs in a row without one valid sample: the data is broken, not unlucky.
+        it = SkipCountingBatch(it, b, img.mean, img.std, drop_remainder=False,
+                               give_up_after=10 * num_samples + 1000)
     if workers > 0:
         _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(

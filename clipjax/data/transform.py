@@ -18,6 +18,7 @@ import numpy as np
 from clipjax.data import decode
 from clipjax.data.augment import RandomResizedCrop
 from clipjax.data.preprocess import normalize
+from clipjax.errors import ClipjaxError
 
 MAX_BAD_KEYS = 8  # per batch; the pipeline keeps the first few overall
 
@@ -75,11 +76,15 @@ def _merge_counts(into: dict[str, int], more: dict[str, int]) -> None:
 
 
 class _SkipCountingBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, batch_size: int, mean, std, drop_remainder: bool):
+    def __init__(self, parent, batch_size: int, mean, std, drop_remainder: bool,
+                 give_up_after: int):
         super().__init__(parent)
         self.batch_size = batch_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.drop_remainder = drop_remainder
+        self.give_up_after = give_up_after
+        self._bad_run = 0
+        self._reasons: dict[str, int] = {}
 
     def __next__(self) -> dict:
         images, texts, skipped, bad = [], [], {}, []
@@ -94,11 +99,22 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                 skipped[ex["skip"]] = skipped.get(ex["skip"], 0) + 1
                 if len(bad) < MAX_BAD_KEYS:
                     bad.append([ex["key"], ex["skip"]])
+                self._give_up_check(ex["skip"])
                 continue
+            self._bad_run = 0
             images.append(ex["image"])
             texts.append(ex["text"])
         return {"image": self._pixels(images), "text": _stack_tokens(texts),
                 "_skipped": skipped, "_bad": bad}
+
+    def _give_up_check(self, reason: str) -> None:
+        """An endless stream with no valid sample would otherwise spin forever."""
+        self._bad_run += 1
+        self._reasons[reason] = self._reasons.get(reason, 0) + 1
+        if self.give_up_after and self._bad_run > self.give_up_after:
+            raise ClipjaxError(
+                f"no valid sample in the last {self._bad_run} records (skipped: "
+                f"{self._reasons}); check the data with `clipjax data check`")
 
     def _pixels(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if not images:
@@ -123,15 +139,16 @@ class SkipCountingBatch(grain.IterDataset):
     """Batches of exactly `batch_size` good examples (the last may be short when finite)."""
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, mean, std, *,
-                 drop_remainder: bool = False):
+                 drop_remainder: bool = False, give_up_after: int = 0):
         super().__init__(parent)
         self.batch_size = int(batch_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.drop_remainder = drop_remainder
+        self.give_up_after = int(give_up_after)  # consecutive skips; 0 = never
 
     def __iter__(self):
         return _SkipCountingBatchIterator(self._parent.__iter__(), self.batch_size, self.mean,
-                                          self.std, self.drop_remainder)
+                                          self.std, self.drop_remainder, self.give_up_after)
 
     def __str__(self) -> str:
         return f"SkipCountingBatch(batch_size={self.batch_size})"
