@@ -314,3 +314,14 @@ def test_remote_paths_through_fsspec_and_index_cache(data, tokenizer, tmp_path):
     assert webdataset.known_sizes([f"memory://remote/{local[0].name}"]) == {
         f"memory://remote/{local[0].name}": 5}
     fs.rm("/remote", recursive=True)
+
+
+def test_missing_remote_shard_is_named():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/listed/00000.tar", b"x")
+    with pytest.raises(ClipjaxError, match="memory://listed/00001.tar"):
+        webdataset.check_urls_exist(["memory://listed/00000.tar", "memory://listed/00001.tar"])
+    webdataset.check_urls_exist(["memory://listed/00000.tar"])
+    fs.rm("/listed", recursive=True)

@@ -118,9 +118,29 @@ def _read_small(url: str) -> bytes | None:
         return None
 
 
+def _remote_listing(urls: Sequence[str]) -> set[str]:
+    """Existing remote shards, one listing per directory instead of one request per shard."""
+    found: set[str] = set()
+    by_dir = collections.defaultdict(list)
+    for u in urls:
+        by_dir[u.rsplit("/", 1)[0]].append(u)
+    for d, members in by_dir.items():
+        fs, path = _fs(d)
+        try:
+            names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+        except FileNotFoundError:
+            continue
+        except Exception:  # cannot list (permissions, flaky network): ask per shard
+            found.update(u for u in members if url_exists(u))
+            continue
+        found.update(u for u in members if u.rsplit("/", 1)[-1] in names)
+    return found
+
+
 def check_urls_exist(urls: Sequence[str]) -> None:
     """Fails at start-up, naming the first missing shard."""
-    missing = [u for u in urls if not url_exists(u)]
+    remote = _remote_listing([u for u in urls if is_remote(u)])
+    missing = [u for u in urls if (u not in remote if is_remote(u) else not url_exists(u))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ClipjaxError(f"webdataset shard not found: {missing[0]}{more}")
