@@ -247,6 +247,7 @@ def test_flops_agree_with_xla_cost_analysis():
     assert 0.85 < flops.text_flops(cfg) / text < 1.0
     f = flops.forward_flops(cfg)
     assert f["total"] == f["image"] + f["text"]
+    assert flops.forward_flops_per_sample(cfg) == f["total"]
     assert flops.train_flops_per_sample(cfg) == 3 * f["total"]
 
 

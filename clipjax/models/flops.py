@@ -76,6 +76,11 @@ def forward_flops(model_cfg: ConfigDict) -> dict[str, float]:
     return {"image": image, "text": text, "total": image + text}
 
 
+def forward_flops_per_sample(model_cfg: ConfigDict) -> float:
+    """Forward FLOPs of one image-text pair through both towers."""
+    return forward_flops(model_cfg)["total"]
+
+
 def train_flops_per_sample(model_cfg: ConfigDict) -> float:
     """FLOPs of one training step per image-text pair (~3x forward); excludes the loss,
     whose B x B logits add 2*B*embed_dim per sample for the global batch B."""
