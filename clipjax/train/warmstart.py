@@ -35,7 +35,11 @@ def load_initial_params(source: str, keys: str, params: Any) -> tuple[Any, list[
     wanted = {k for k in mine if pattern.fullmatch(k)}
     if not wanted:
         raise ConfigError("train.init_from_keys", f"{keys!r} matches no param path")
-    mgr = checkpoint.manager(workdir, read_only=True, async_save=False)
+    mgr = ocp.CheckpointManager(
+        checkpoint.checkpoint_dir(workdir),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={"params": ocp.PyTreeCheckpointHandler(),
+                       "metadata": ocp.JsonCheckpointHandler()})
     try:
         meta = mgr.item_metadata(step)["params"]
         if models.is_scanned(meta) != models.is_scanned(params):
