@@ -158,7 +158,7 @@ def main() -> None:
           f"crop 224 + normalise + tokenize, batch {args.batch}")
     print(f"| {'setting':<30} | {'clipjax img/s':>13} | {'open_clip img/s':>15} | "
           f"{'ratio':>5} | {'clipjax img/s/worker':>20} |")
-    print(f"|{'-' * 32}|{'-' * 15}:|{'-' * 17}:|{'-' * 6}:|{'-' * 21}:|")
+    print(f"|{'-' * 32}|{'-' * 14}:|{'-' * 16}:|{'-' * 6}:|{'-' * 21}:|")
     for name, ours, theirs, w in rows:
         print(f"| {name:<30} | {ours:>13.0f} | {theirs:>15.0f} | {ours / theirs:>5.2f} | "
               f"{ours / w:>20.0f} |")
