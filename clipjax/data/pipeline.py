@@ -27,7 +27,7 @@ from ml_collections import ConfigDict
 
 from clipjax.data import sources as sources_lib
 from clipjax.data.transform import SkipCountingBatch, TrainTransform
-from clipjax.errors import ClipjaxError, ConfigError
+from clipjax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +216,3 @@ def _absl_flags_ready() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def check_source(config: ConfigDict) -> None:
-    """Fails early (ClipjaxError) when the configured source is missing or empty."""
-    if config.data.train.source != "synthetic":
-        build_stream(config, epochs=1)
-
-
-__all__ = ["TrainPipeline", "build_train_pipeline", "build_stream", "check_source",
-           "local_batch_size", "ClipjaxError"]
