@@ -1,19 +1,17 @@
-"""Batched, sharded embedding of images and texts for the evaluator.
+"""Streaming image embedding for the evaluator, over `clipjax.inference.ClipModel`.
 
-The jitted encoders take the params as an argument, so one compilation serves
-every checkpoint of a run (a `--watch` job recompiles nothing). Batches have a
-fixed size (the last one is padded) and are split over a 1-D "data" mesh of
-the evaluator's own devices; params are replicated there. Host work
-(decode, resize, crop) for the next batch runs in threads while the devices
-encode the current one.
+ClipModel does the sharded, jitted, fixed-shape batch encoding (its compiled
+encoders are shared by every checkpoint of one architecture, so a `--watch`
+job compiles once). This module feeds it from a dataset iterator: decode,
+resize and crop of the next batch run in threads while the devices encode the
+current one, and only one batch of pixels is held at a time.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -24,7 +22,8 @@ from ml_collections import ConfigDict
 
 from clipjax import checkpoint as checkpoint_lib
 from clipjax import models
-from clipjax.data import preprocess, tokenizers
+from clipjax.data import preprocess
+from clipjax.inference import ClipModel
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -45,108 +44,44 @@ def restore(workdir: str, step: int, model_cfg: ConfigDict, mesh: Mesh):
     return checkpoint_lib.restore_params(workdir, step, abstract_params(model_cfg, mesh))
 
 
-@functools.cache
-def _jitted(model_cfg_json: str, mesh: Mesh):
-    from clipjax import config as config_lib
-
-    model_cfg = config_lib.from_json(model_cfg_json).model
-    model = models.build_model(model_cfg)
-    rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-    def images_fn(params, images):
-        return model.apply({"params": params}, images, method=models.Clip.encode_image)
-
-    def texts_fn(params, tokens):
-        return model.apply({"params": params}, tokens, method=models.Clip.encode_text)
-
-    jit = functools.partial(jax.jit, in_shardings=(rep, batch), out_shardings=batch)
-    return jit(images_fn), jit(texts_fn)
-
-
-def _padded(x: np.ndarray, size: int) -> np.ndarray:
-    if len(x) == size:
-        return x
-    pad = np.zeros((size - len(x),) + x.shape[1:], x.dtype)
-    return np.concatenate([x, pad])
-
-
 class Encoder:
-    """Embeds images and texts with one model's params; outputs L2-normalised float32 numpy."""
+    """One model's embeddings of texts and of a stream of (image, target) examples."""
 
-    def __init__(self, model_cfg: ConfigDict, params, *, batch_size: int = 256,
+    def __init__(self, config: ConfigDict, params, *, batch_size: int = 256,
                  mesh: Mesh | None = None, workers: int | None = None):
-        from clipjax import config as config_lib
-
-        self.model_cfg = model_cfg
         self.mesh = mesh or make_mesh()
-        n = self.mesh.devices.size
+        devices = list(self.mesh.devices.flat)
+        n = len(devices)
         self.batch_size = max(n, -(-int(batch_size) // n) * n)  # a multiple of the devices
-        self.params = params
-        full = config_lib.default_config()
-        full.model = model_cfg
-        self._images_fn, self._texts_fn = _jitted(config_lib.to_json(full), self.mesh)
-        self.transform = preprocess.eval_transform(model_cfg)
-        self.tokenizer = tokenizers.build_tokenizer(model_cfg)
+        self.model = ClipModel(config, params, batch_size=self.batch_size, devices=devices)
+        self.embed_dim = self.model.embed_dim
+        self.transform = self.model.preprocess
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
 
-    def _put(self, x: np.ndarray):
-        return jax.device_put(x, NamedSharding(self.mesh, P("data")))
-
-    def _run(self, fn: Callable, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """Runs `fn` over fixed-size batches, keeping one batch in flight."""
-        pending = None
-        for x in batches:
-            n = len(x)
-            out = fn(self.params, self._put(_padded(x, self.batch_size)))
-            if pending is not None:
-                yield np.asarray(pending[0])[:pending[1]]
-            pending = (out, n)
-        if pending is not None:
-            yield np.asarray(pending[0])[:pending[1]]
-
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
-        d = self.model_cfg.embed_dim
-        if not texts:
-            return np.zeros((0, d), np.float32)
-        chunks = (self.tokenizer(texts[i:i + self.batch_size])
-                  for i in range(0, len(texts), self.batch_size))
-        return np.concatenate(list(self._run(self._texts_fn, chunks)))
-
-    def encode_pixels(self, images: np.ndarray) -> np.ndarray:
-        """Preprocessed float32 [N, S, S, 3] images → [N, D]."""
-        images = np.asarray(images, np.float32)
-        chunks = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
-        out = list(self._run(self._images_fn, chunks))
-        return np.concatenate(out) if out else np.zeros((0, self.model_cfg.embed_dim), np.float32)
+        return self.model.encode_texts(list(texts))
 
     def encode_images(self, images: Iterable) -> np.ndarray:
         """Raw images (PIL, uint8 arrays, paths) → [N, D]."""
         out = [emb for emb, _ in self.encode_examples((im, None) for im in images)]
-        return np.concatenate(out) if out else np.zeros((0, self.model_cfg.embed_dim), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def encode_examples(self, examples: Iterable[tuple[object, object]],
                         progress=None) -> Iterator[tuple[np.ndarray, list]]:
         """(image, target) pairs → batches of (embeddings [b, D], targets), in order."""
         pool = concurrent.futures.ThreadPoolExecutor(self.workers)
         try:
-            batches = self._prepared(examples, pool)
-            targets: list[list] = []
-
-            def images():
-                for pixels, tgt in batches:
-                    targets.append(tgt)
-                    yield preprocess.normalize(pixels, self.transform.mean, self.transform.std)
-
-            for emb in self._run(self._images_fn, images()):
+            for pixels, targets in self._prepared(examples, pool):
+                images = preprocess.normalize(pixels, self.transform.mean, self.transform.std)
+                emb = self.model.encode_images(images)
                 if progress is not None:
                     progress.update(len(emb))
-                yield emb, targets.pop(0)
+                yield emb, targets
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _prepared(self, examples, pool) -> Iterator[tuple[np.ndarray, list]]:
-        """uint8 pixel batches, the next batch's decode/resize queued while one is consumed."""
+        """uint8 pixel batches; the next batch's decode/resize is queued before one is used."""
         it = iter(examples)
 
         def submit():
@@ -163,8 +98,9 @@ class Encoder:
         nxt = submit()
         while nxt is not None:
             futures, targets = nxt
+            pixels = np.stack([f.result() for f in futures])
             nxt = submit()
-            yield np.stack([f.result() for f in futures]), targets
+            yield pixels, targets
 
 
 def device_summary(mesh: Mesh) -> str:

@@ -73,7 +73,6 @@ class Evaluator:
         self.config = checkpoint_lib.read_config(self.workdir)
         self.model_cfg = self.config.model
         self.mesh = encoder_lib.make_mesh(devices)
-        self._encoder: encoder_lib.Encoder | None = None
         self._sources: dict[tuple[str, str], datasets.Source] = {}
         self._tb: results.TensorBoard | None = None
         _check_checkpoint_arg(options.checkpoint)
@@ -161,11 +160,9 @@ class Evaluator:
     # ------------------------------------------------------------------ one checkpoint
 
     def encoder(self, params) -> encoder_lib.Encoder:
-        if self._encoder is None:
-            self._encoder = encoder_lib.Encoder(
-                self.model_cfg, params, batch_size=self.opts.batch_size, mesh=self.mesh)
-        self._encoder.params = params
-        return self._encoder
+        """An encoder over these params (the compiled encoders are reused across steps)."""
+        return encoder_lib.Encoder(self.config, params, batch_size=self.opts.batch_size,
+                                   mesh=self.mesh)
 
     def evaluate_step(self, step: int) -> dict[str, dict]:
         t0 = time.perf_counter()
