@@ -261,3 +261,25 @@ def test_flops_of_known_architectures():
     # RN50 at 224: XLA's cost analysis of the compiled tower says 11.2 GFLOPs (it skips the
     # zero padding taps, element-wise work included); the analytic count is 11.6.
     assert 11.0e9 < flops.image_flops(presets.model_config("RN50")) < 12.0e9
+
+
+def test_resnet_remat_gradients_and_frozen_batch_norm_statistics():
+    rng = np.random.default_rng(0)
+    abstract = nn.meta.unbox(abstract_params(presets.model_config("tiny-rn")))
+    params = jax.tree.map(lambda s: np.abs(rng.normal(size=s.shape)).astype(np.float32) * 0.2
+                          + 0.1, abstract)  # positive: valid BN variances
+    images = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
+
+    def grads(remat):
+        c = presets.model_config("tiny-rn")
+        c.remat = remat
+        model = build_model(c)
+        loss = lambda p: jnp.sum(model.apply({"params": p}, images, method="encode_image")[:, 0])
+        return jax.jit(jax.grad(loss))(params)
+
+    plain, rematted = grads("none"), grads("full")
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    bn = plain["image"]["layer1_0"]["bn1"]
+    assert not np.any(bn["mean"]) and not np.any(bn["var"])  # statistics stay fixed
+    assert np.any(bn["scale"]) and np.any(plain["image"]["conv1"]["kernel"])

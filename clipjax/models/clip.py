@@ -74,7 +74,8 @@ def build_image_tower(model_cfg: ConfigDict) -> nn.Module:
     if img.kind == "resnet":
         return ModifiedResNet(
             layers=tuple(int(n) for n in img.resnet_layers), output_dim=model_cfg.embed_dim,
-            heads=img.resnet_heads, image_size=img.image_size, width=img.resnet_width, **kw)
+            heads=img.resnet_heads, image_size=img.image_size, width=img.resnet_width,
+            remat=model_cfg.remat, **kw)
     return VisionTransformer(
         image_size=img.image_size, patch_size=img.patch_size, width=img.width,
         layers=img.layers, heads=img.heads, output_dim=model_cfg.embed_dim,

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clipjax.models.layers import logical, normal, ones, zeros
+from clipjax.models.layers import logical, normal, ones, remat_policy, zeros
 
 BN_EPS = 1e-5
 EXPANSION = 4
@@ -128,12 +128,15 @@ class ModifiedResNet(nn.Module):
     heads: int
     image_size: int = 224
     width: int = 64
+    remat: str = "none"  # checkpoint policy per bottleneck block
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        policy = remat_policy(self.remat)
+        block = Bottleneck if policy is None else nn.remat(Bottleneck, policy=policy)
         w = self.width
         x = images.astype(self.dtype)
         for i, (features, stride) in enumerate([(w // 2, 2), (w // 2, 1), (w, 1)], start=1):
@@ -144,5 +147,5 @@ class ModifiedResNet(nn.Module):
             planes = w * 2 ** stage
             for j in range(int(blocks)):
                 stride = 2 if stage > 0 and j == 0 else 1
-                x = Bottleneck(planes, stride, name=f"layer{stage + 1}_{j}", **kw)(x)
+                x = block(planes, stride, name=f"layer{stage + 1}_{j}", **kw)(x)
         return AttentionPool(w * 32, self.heads, self.output_dim, name="attnpool", **kw)(x)
