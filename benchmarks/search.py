@@ -11,8 +11,9 @@ is the overlap of an approximate index's top 10 with the exact top 10.
 
 `--data uniform` (the default) draws vectors uniformly on the sphere: the
 hardest case for approximate search (no cluster structure; every point is
-almost equally far). `--data clustered` draws them around 1,000 centres,
-closer to real CLIP embeddings.
+almost equally far). `--data clustered` draws them around 1,000 centres
+(noise `--spread` per coordinate; queries are data points plus the same
+noise), closer to real CLIP embeddings.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def make_data(n: int, d: int, kind: str, rng) -> np.ndarray:
+def make_data(n: int, d: int, kind: str, rng, spread: float) -> np.ndarray:
     """n unit vectors, float32, filled in chunks to cap temporary memory."""
     out = np.empty((n, d), np.float32)
     centres = unit_rows(rng.standard_normal((1000, d)).astype(np.float32))
@@ -42,16 +43,16 @@ def make_data(n: int, d: int, kind: str, rng) -> np.ndarray:
         e = min(n, s + 100_000)
         x = rng.standard_normal((e - s, d)).astype(np.float32)
         if kind == "clustered":
-            x = centres[rng.integers(0, len(centres), e - s)] + 0.03 * x
+            x = centres[rng.integers(0, len(centres), e - s)] + spread * x
         out[s:e] = unit_rows(x)
     return out
 
 
-def make_queries(data: np.ndarray, q: int, kind: str, rng) -> np.ndarray:
+def make_queries(data: np.ndarray, q: int, kind: str, rng, spread: float) -> np.ndarray:
     if kind == "uniform":
         return unit_rows(rng.standard_normal((q, data.shape[1])).astype(np.float32))
     picks = data[rng.integers(0, len(data), q)]
-    return unit_rows(picks + 0.03 * rng.standard_normal(picks.shape).astype(np.float32))
+    return unit_rows(picks + spread * rng.standard_normal(picks.shape).astype(np.float32))
 
 
 def latency_ms(index, queries: np.ndarray, k: int, repeats: int) -> float:
@@ -70,8 +71,8 @@ def recall_at(ids: np.ndarray, truth: np.ndarray) -> float:
 
 
 def bench(n: int, args, rng) -> list[dict]:
-    data = make_data(n, args.dim, args.data, rng)
-    queries = make_queries(data, args.queries, args.data, rng)
+    data = make_data(n, args.dim, args.data, rng, args.spread)
+    queries = make_queries(data, args.queries, args.data, rng, args.spread)
     rows = []
     configs = [("exact", vector_index.IndexOptions("exact"))]
     for nprobe in args.nprobe:
@@ -119,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="", help="comma-separated vector counts")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--data", choices=("uniform", "clustered"), default="uniform")
+    p.add_argument("--spread", type=float, default=0.05,
+                   help="clustered: per-coordinate noise around the centres (and of the "
+                        "queries around data points)")
     p.add_argument("--queries", type=int, default=1000, help="queries for recall and qps")
     p.add_argument("--repeats", type=int, default=50, help="single queries timed for latency")
     p.add_argument("--k", type=int, default=10)

@@ -14,6 +14,7 @@ is cosine similarity.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -130,9 +131,30 @@ def search(index: faiss.Index, queries, k: int) -> tuple[np.ndarray, np.ndarray]
     k = min(k, index.ntotal)
     if k == 0:
         return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-    scores, ids = index.search(q, k)
+    with _threads(1 if len(q) < SMALL_BATCH else 0):
+        scores, ids = index.search(q, k)
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
     return scores, ids.astype(np.int64)
+
+
+# Below faiss's BLAS threshold (20 queries) a search scans per query, and OpenMP
+# threads only add wake-up cost: one thread answers a single query 4x faster
+# (measured: 1M x 512 exact, 2 cores).
+SMALL_BATCH = 20
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """Runs faiss with `n` OpenMP threads (0 = leave as is), restoring the setting."""
+    old = faiss.omp_get_max_threads()
+    if not n or n == old:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
 
 
 def save(index: faiss.Index, path: str) -> None:
