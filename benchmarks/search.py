@@ -11,7 +11,7 @@ is the overlap of an approximate index's top 10 with the exact top 10.
 
 `--data uniform` (the default) draws vectors uniformly on the sphere: the
 hardest case for approximate search (no cluster structure; every point is
-almost equally far). `--data clustered` draws them around 1,000 centres
+almost equally far). `--data clustered` draws them around N/100 centres
 (noise `--spread` per coordinate; queries are data points plus the same
 noise), closer to real CLIP embeddings.
 """
@@ -38,7 +38,7 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 def make_data(n: int, d: int, kind: str, rng, spread: float) -> np.ndarray:
     """n unit vectors, float32, filled in chunks to cap temporary memory."""
     out = np.empty((n, d), np.float32)
-    centres = unit_rows(rng.standard_normal((1000, d)).astype(np.float32))
+    centres = unit_rows(rng.standard_normal((max(100, n // 100), d)).astype(np.float32))
     for s in range(0, n, 100_000):
         e = min(n, s + 100_000)
         x = rng.standard_normal((e - s, d)).astype(np.float32)
