@@ -383,6 +383,15 @@ def load(config_arg: str | None, overrides: Sequence[str] = ()) -> ConfigDict:
     return validate(config)
 
 
+def load_args(config_args: Sequence[str]) -> ConfigDict:
+    """`load` for the CLI's `args.config_args` (`--config=FILE[:ARG]` and `--config.k=v`)."""
+    files = [a.split("=", 1)[1] for a in config_args if a.startswith("--config=")]
+    overrides = [a for a in config_args if a.startswith("--config.")]
+    if len(files) > 1:
+        raise ConfigError("", "--config given more than once")
+    return load(files[0] if files else None, overrides)
+
+
 def _key_from_flag_error(message: str, overrides: Sequence[str]) -> str:
     for o in overrides:
         key = o.lstrip("-").split("=", 1)[0].removeprefix("config.")

@@ -1,0 +1,47 @@
+"""`clipjax compile`: the real train step compiled for a TPU topology on this CPU machine."""
+
+import json
+
+import pytest
+
+from clipjax import cli
+
+TINY = "configs/tiny.py"
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+
+
+def _compile(capsys, *extra):
+    rc = cli.main(["compile", "--config", TINY, "--topology", "v5e-8", "--json", *extra])
+    out = capsys.readouterr().out
+    return rc, json.loads(out.strip().splitlines()[-1])
+
+
+def test_tiny_config_fits_a_v5e_8(capsys, tmp_path):
+    exe = tmp_path / "step.bin"
+    rc, r = _compile(capsys, f"--save={exe}")
+    assert rc == 0
+    assert r["topology"] == "v5e-8" and r["chips"] == 8
+    assert r["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
+    assert r["hbm_bytes_per_chip"] == 16 << 30
+    # Params + Adam moments of the tiny model are ~12 MB each; the step needs some scratch.
+    assert 30e6 < r["per_chip_bytes"] < 1 << 30
+    assert r["temp_bytes"] > 0 and r["fits"] is True and r["compiler_oom"] is False
+    assert r["flops_per_step"] > 1e8
+    assert exe.stat().st_size > 1000
+
+
+def test_an_oversized_model_does_not_fit(capsys):
+    # A 40M-token vocabulary: 10 GB of embedding, replicated with its Adam moments on each chip.
+    rc, r = _compile(capsys, "--config.model.text.vocab_size=40000000")
+    assert rc == 0
+    assert r["fits"] is False and r["compiler_oom"] is True
+    assert r["per_chip_bytes"] > r["hbm_bytes_per_chip"]
+
+
+def test_unknown_topology_is_a_clear_error(capsys):
+    assert cli.main(["compile", "--config", TINY, "--topology", "v9-8"]) == 1
+    assert "unknown TPU topology 'v9-8'" in capsys.readouterr().err
