@@ -196,3 +196,29 @@ def test_read_idx_rejects_a_truncated_file(tmp_path):
     raw.write_bytes(gzip.open(str(raw) + ".gz").read()[:-3])
     with pytest.raises(ClipjaxError, match="header says"):
         datasets.read_idx(str(raw))
+
+
+def test_config_file_drives_a_retrieval_task(tmp_path):
+    workdir = str(tmp_path / "imported")
+    save_tiny(workdir, 0)
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(caps / f"{i}.png")
+        (caps / f"{i}.txt").write_text("\n".join(f"caption {j} of {i}" for j in range(i % 3 + 1)))
+    cfg = tmp_path / "eval_cfg.py"
+    cfg.write_text(
+        "from clipjax.config import default_config\n\n\n"
+        "def get_config(arg=None):\n"
+        "    c = default_config()\n"
+        f"    c.eval.tasks = 'flickr=captions:{caps}'\n"
+        "    c.eval.batch_size = 8\n"
+        "    return c\n")
+    assert main(["eval", "--workdir", workdir, "--config", str(cfg), "--no-progress"]) == 0
+    rec = json.load(open(results.result_path(workdir, "flickr", 0)))
+    assert rec["mode"] == "retrieval" and rec["num_examples"] == 6 and rec["num_texts"] == 12
+    for k in (1, 5, 10):
+        assert 0 <= rec[f"image_to_text_R@{k}"] <= 1 and 0 <= rec[f"text_to_image_R@{k}"] <= 1
+    assert rec["text_to_image_R@10"] == 1.0  # only 6 images: every one is in the top 10
+    assert os.path.exists(os.path.join(workdir, "eval", "flickr", "image_to_text_R_1.png"))
