@@ -223,11 +223,13 @@ def test_logit_bias_and_init_values():
     assert float(bias) == -7.5 and float(scale) == 2.0
 
 
-def test_text_longer_than_context_is_an_error(tiny):
+def test_wrong_input_shapes_are_errors(tiny):
     cfg, params, _, _ = tiny
     model = build_model(cfg)
     with pytest.raises(ClipjaxError, match="longer than the context length 77"):
         model.apply({"params": params}, jnp.zeros((1, 80), jnp.int32), method="encode_text")
+    with pytest.raises(ClipjaxError, match=r"the model takes \[N, 32, 32, 3\]"):
+        model.apply({"params": params}, jnp.zeros((1, 3, 32, 32)), method="encode_image")
 
 
 def _xla_flops(cfg, method, shape, dtype):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from clipjax.models.layers import logical, normal, ones, remat_policy, zeros
+from clipjax.models.vit import check_image_shape
 
 BN_EPS = 1e-5
 EXPANSION = 4
@@ -138,6 +139,7 @@ class ModifiedResNet(nn.Module):
         policy = remat_policy(self.remat)
         block = Bottleneck if policy is None else nn.remat(Bottleneck, policy=policy)
         w = self.width
+        check_image_shape(images, self.image_size)
         x = images.astype(self.dtype)
         for i, (features, stride) in enumerate([(w // 2, 2), (w // 2, 1), (w, 1)], start=1):
             x = _conv(features, 3, stride, name=f"conv{i}", **kw)(x)

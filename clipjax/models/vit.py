@@ -11,7 +11,15 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clipjax.errors import ClipjaxError
 from clipjax.models.layers import Transformer, constrain, layer_norm, logical, normal
+
+
+def check_image_shape(images, size: int) -> None:
+    if images.ndim != 4 or tuple(images.shape[1:]) != (size, size, 3):
+        raise ClipjaxError(
+            f"images of shape {tuple(images.shape)}; the model takes [N, {size}, {size}, 3] "
+            "(NHWC, preprocessed)")
 
 
 def patchify(images, patch: int):
@@ -53,6 +61,7 @@ class VisionTransformer(nn.Module):
         proj = self.param("proj", logical(normal(scale), ("embed", "joint")),
                           (w, self.output_dim), self.param_dtype)
 
+        check_image_shape(images, self.image_size)
         x = patchify(images.astype(self.dtype), p)
         x = jnp.einsum("bnp,pw->bnw", x, patch_kernel.astype(self.dtype))
         cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (x.shape[0], 1, w))
