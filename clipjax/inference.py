@@ -164,6 +164,30 @@ class ClipModel:
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
         return self.tokenizer(texts)
 
+    # ------------------------------------------------------------------ applications
+    # (implemented in clipjax.apps; these delegate)
+
+    def classify(self, images, labels: Sequence[str], templates=None, **kwargs):
+        """Zero-shot predictions (top-k labels, probabilities) per image; kwargs: top_k,
+        threshold, none_label. See `clipjax.apps.classify.classify`."""
+        from clipjax.apps.classify import classify
+
+        return classify(self, images, labels, templates, **kwargs)
+
+    def search(self, index, query, k: int = 10):
+        """Top-k hits (path, cosine) of an embedding cache (ImageIndex or its directory)
+        for a text, image or vector query. See `clipjax.apps.search.search`."""
+        from clipjax.apps.search import search
+
+        return search(self, index, query, k)
+
+    def score(self, images, texts, **kwargs):
+        """CLIPScore (2.5 · max(cos, 0)) of image i with text i, and the mean. See
+        `clipjax.apps.clipscore.score`."""
+        from clipjax.apps.clipscore import score
+
+        return score(self, images, texts, **kwargs)
+
     # ------------------------------------------------------------------ internals
 
     def _preprocess_list(self, items: list) -> np.ndarray:

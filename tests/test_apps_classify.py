@@ -157,3 +157,20 @@ def test_label_and_template_errors():
         classify.resolve_templates(["a photo"])
     with pytest.raises(ClipjaxError, match="neither a file nor a built-in"):
         classify.resolve_templates("no_such_set")
+
+
+def test_clip_model_methods_delegate_to_the_apps(model, photos, tmp_path):
+    from clipjax.apps import search
+    from clipjax.apps.embedding_cache import EmbeddingCache
+
+    preds = model.classify(photos[:2], LABELS, "none", top_k=2)
+    want = classify.classify(model, photos[:2], LABELS, "none", top_k=2)
+    assert [p.to_json() for p in preds] == [p.to_json() for p in want]
+    texts = ["a cat", "a rocket"]
+    np.testing.assert_array_equal(model.score(photos[:2], texts).per_pair,
+                                  clipscore.score(model, photos[:2], texts).per_pair)
+    EmbeddingCache.open_or_empty(str(tmp_path / "idx")).update(model, photos, progress=False)
+    index = search.ImageIndex.open(str(tmp_path / "idx"))
+    assert model.search(index, photos[3], k=1)[0].path == photos[3]  # image path query
+    text_hits = model.search(str(tmp_path / "idx"), "a cat", k=3)
+    assert text_hits == search.search(model, index, "a cat", k=3)
