@@ -222,3 +222,49 @@ def test_config_file_drives_a_retrieval_task(tmp_path):
         assert 0 <= rec[f"image_to_text_R@{k}"] <= 1 and 0 <= rec[f"text_to_image_R@{k}"] <= 1
     assert rec["text_to_image_R@10"] == 1.0  # only 6 images: every one is in the top 10
     assert os.path.exists(os.path.join(workdir, "eval", "flickr", "image_to_text_R_1.png"))
+
+
+TFDS_BUILDER = '''
+import sys
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+class EvalPets(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=["tabby_cat", "pug"]),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples(6)}
+
+    def _generate_examples(self, n):
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            img = Image.fromarray(rng.integers(0, 255, (18, 22, 3), dtype=np.uint8))
+            yield i, {"image": img, "label": i % 2}
+
+EvalPets(data_dir=sys.argv[1], file_format="array_record").download_and_prepare()
+'''
+
+
+def test_tfds_source_by_name(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text(TFDS_BUILDER)
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True,
+                   capture_output=True, timeout=180)
+    task = tasks.parse("tfds:eval_pets")
+    src = tasks.load_source(task, "test", str(tmp_path))
+    assert len(src) == 6 and tasks.classnames_for(task, src) == ["tabby cat", "pug"]
+    pairs = list(src)
+    assert all(im.shape == (18, 22, 3) for im, _ in pairs)
+    assert sorted(y for _, y in pairs) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ClipjaxError, match="not available"):
+        tasks.load_source(tasks.parse("tfds:no_such_dataset_here"), "test", str(tmp_path))
