@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt templates, one per line with {} for the class name (or a "
                         "JSON list, or a built-in set name such as imagenet1k_simple)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="images per device batch step, over all devices (default 256)")
+                   help="images per batch, split over the devices (default 256)")
     p.add_argument("--max-examples", type=int, default=None, metavar="N",
                    help="evaluate only the first N examples of each split (0 = all)")
     p.add_argument("--confusion-matrix", action="store_true", default=None,
@@ -54,7 +54,8 @@ def _list_tasks() -> str:
         t = len(prompts.load_templates(b.templates))
         lines.append(f"  {name:<14} {n:>4} classes, {t:>2} templates ({b.templates}); "
                      f"TFDS {b.tfds_name}")
-    lines.append("other sources: " + ", ".join(f"{s}:PATH" for s in tasks.SOURCES))
+    lines.append("other sources: " + ", ".join(
+        f"{s}:{'NAME' if s == 'tfds' else 'PATH'}" for s in tasks.SOURCES))
     lines.append("template sets: " + ", ".join(prompts.builtin_templates()))
     return "\n".join(lines)
 

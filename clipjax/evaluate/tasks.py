@@ -103,7 +103,7 @@ def parse(spec: str) -> Task:
         if spec not in BUILTINS:
             raise ClipjaxError(
                 f"unknown task {spec!r}; known tasks: {', '.join(known_tasks())} "
-                f"(or {', '.join(s + ':PATH' for s in SOURCES)})")
+                f"(or {', '.join(s + (':NAME' if s == 'tfds' else ':PATH') for s in SOURCES)})")
         default_label = spec
     if not mode:
         mode = "retrieval" if source == "captions" and sep else "zeroshot"
