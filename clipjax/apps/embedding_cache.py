@@ -266,6 +266,13 @@ class EmbeddingCache:
 
     def save(self) -> None:
         """Writes the three files atomically each; meta.json last, naming the revision."""
+        try:
+            self._save()
+        except OSError as e:
+            raise ClipjaxError(f"cannot write the embedding cache {self.directory}: "
+                               f"{e.strerror or e}") from None
+
+    def _save(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         _atomic(os.path.join(self.directory, EMBEDDINGS),
                 lambda f: np.save(f, np.ascontiguousarray(self.embeddings)), binary=True)
