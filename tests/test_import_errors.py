@@ -101,6 +101,15 @@ def test_unknown_preset_name(tmp_path, state_dict, capsys):
     assert code == 1 and "unknown model preset 'ViT-Z-7'" in err and "ViT-B-32" in err
 
 
+def test_open_clip_names_beyond_the_presets(tmp_path, state_dict, capsys):
+    """Names clipjax has no preset for resolve through open_clip's installed configs; one
+    that needs an unimplemented feature names it instead of 'unknown preset'."""
+    assert "ViT-M-16-alt" not in presets.names()
+    code, err = _run(capsys, "open_clip", "--checkpoint", _save(tmp_path / "ok.pt", state_dict),
+                     "--model-config", "ViT-M-16-alt", "--workdir", str(tmp_path / "out"))
+    assert code == 1 and "vision_cfg.ls_init_value=0.0001 is not supported" in err
+
+
 def test_unsupported_model_config_json(tmp_path, state_dict, capsys):
     code, err = _run(capsys, "open_clip", "--checkpoint", _save(tmp_path / "ok.pt", state_dict),
                      "--model-config", '{"embed_dim": 32, "vision_cfg": {"timm_model_name": '

@@ -7,6 +7,7 @@ open_clip model-config JSON file, or inline JSON; the weights from a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -40,7 +41,20 @@ def resolve_model_config(spec: str | dict | ConfigDict) -> ConfigDict:
         except (OSError, json.JSONDecodeError) as e:
             raise ClipjaxError(f"cannot read model config {text!r}: {e}") from None
         return presets.from_open_clip_json(data)
+    if text not in presets.names() and (installed := _installed_open_clip_config(text)):
+        return resolve_model_config(installed)
     return presets.model_config(text)
+
+
+def _installed_open_clip_config(name: str) -> str | None:
+    """open_clip's own model_configs/<name>.json when open-clip-torch is installed (found
+    without importing it), so every architecture clipjax implements is reachable by name."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model_configs",
+                        f"{name}.json")
+    return path if os.path.isfile(path) else None
 
 
 def import_open_clip(checkpoint: str, model_config: str | dict | ConfigDict, *,
