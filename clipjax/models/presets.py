@@ -140,13 +140,17 @@ _TOP_DEFAULTS: dict[str, Any] = {"nonscalar_logit_scale": False, "multimodal_cfg
 _TOP_IGNORED = {"custom_text", "cast_dtype"}  # state-dict layout / precision, not architecture
 
 
+_SAME_AS_DEFAULT = {"block_type": "default"}  # open_clip treats these like the default
+
+
 def _check_defaults(cfg: dict, defaults: dict, known: set, where: str) -> None:
+    """Rejects keys clipjax does not know and features it does not implement, by name."""
     for key, value in cfg.items():
-        if key in known or key in _TOP_IGNORED and where == "":
+        if key in known or (where == "" and key in _TOP_IGNORED):
             continue
         if key not in defaults:
             raise ClipjaxError(f"open_clip model config key {where}{key!r} is not known")
-        if value != defaults[key] and not (defaults[key] is None and value in ("default",)):
+        if value != defaults[key] and value != _SAME_AS_DEFAULT.get(key, defaults[key]):
             raise ClipjaxError(
                 f"open_clip model config {where}{key}={value!r} is not supported by clipjax "
                 f"(only {defaults[key]!r})")
