@@ -1,0 +1,47 @@
+"""The embedded demo: a small CLIP pretrained from scratch on Fashion-MNIST captions on CPU.
+
+`make demo` (clipjax demo) converts the 60k training images to webdataset shards
+with captions from class names and templates, trains this config, and evaluates
+zero-shot on the 10k test images with held-out templates. Captions repeat within
+a batch (ten classes), so pairs with identical captions count as positives.
+"""
+
+from clipjax.config import default_config
+
+FASHION_MEAN = (0.286,) * 3
+FASHION_STD = (0.353,) * 3
+
+
+def get_config(arg=None):
+    c = default_config()
+    m = c.model
+    m.embed_dim = 64
+    m.act = "gelu"
+    m.image.image_size = 28
+    m.image.patch_size = 7
+    m.image.width = 128
+    m.image.layers = 4
+    m.image.heads = 4
+    m.image.mean = FASHION_MEAN
+    m.image.std = FASHION_STD
+    m.text.context_length = 16
+    m.text.width = 128
+    m.text.heads = 4
+    m.text.layers = 2
+
+    c.data.train.source = "webdataset"
+    c.data.train.urls = arg or "runs/demo/shards/train/{00000..00005}.tar"
+    c.data.batch_size = 256
+    c.data.workers = 0
+    c.data.augment.crop_scale = (0.85, 1.0)
+    c.data.augment.flip = True
+
+    c.loss.positives = "caption"
+    c.optim.lr = 2e-3
+    c.optim.weight_decay = 0.05
+    c.optim.warmup_steps = 50
+    c.train.steps = 600
+    c.train.log_every = 25
+    c.train.ckpt_every = 200
+    c.train.keep = 2
+    return c
