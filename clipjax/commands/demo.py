@@ -1,4 +1,4 @@
-"""`clipjax demo`: pretrain a small CLIP on Fashion-MNIST on this machine, then evaluate it zero-shot.
+"""`clipjax demo`: pretrain a small CLIP on Fashion-MNIST here, then evaluate it zero-shot.
 
 The README's first command. Each phase is the CLI a user would type
 (`clipjax data convert`, `clipjax train`, `clipjax eval`), run in this process
@@ -17,7 +17,7 @@ import subprocess
 import time
 import urllib.request
 
-HELP = "the embedded demo: pretrain on Fashion-MNIST captions, then zero-shot eval on held-out prompts"
+HELP = "the embedded demo: pretrain on Fashion-MNIST captions, zero-shot eval on held-out prompts"
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 # Where TFDS's fashion_mnist builder downloads the same four files from.
@@ -76,7 +76,7 @@ def run(args) -> int:
         phase("convert", convert)
     with open(os.path.join(shards, "sizes.json"), encoding="utf-8") as f:
         num_shards = len(json.load(f))
-    urls = os.path.join(shards, "{%05d..%05d}.tar" % (0, num_shards - 1))
+    urls = os.path.join(shards, f"{{00000..{num_shards - 1:05d}}}.tar")
 
     config = args.config or _default_config()
     train = ["train", "--config", f"{config}:{urls}", "--workdir", workdir]
