@@ -13,12 +13,14 @@ export) restore them without the optimizer state, onto their own mesh.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from ml_collections import ConfigDict
 
 from clipjax import config as config_lib
@@ -111,6 +113,16 @@ def resolve(path: str, step: int | str | None = None) -> tuple[str, int]:
     return path, int(step)
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
     """Restores only the params item.
 
@@ -118,7 +130,8 @@ def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
     land on the caller's mesh, whatever mesh wrote them; without it they land
     whole on the first local device.
     """
-    mgr = manager(workdir, read_only=True, async_save=False)
+    with _quiet_absl():  # a read-only manager warns that it is read-only
+        mgr = manager(workdir, read_only=True, async_save=False)
     try:
         if abstract is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -126,7 +139,8 @@ def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
             abstract = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
         args = ocp.args.StandardRestore(abstract)
-        out = mgr.restore(step, args=ocp.args.Composite(params=args))
+        with _quiet_absl():  # orbax warns about every item it was not asked to restore
+            out = mgr.restore(step, args=ocp.args.Composite(params=args))
     except ClipjaxError:
         raise
     except Exception as e:
