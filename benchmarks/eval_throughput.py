@@ -1,6 +1,6 @@
 """Zero-shot evaluation throughput: clipjax's evaluator path vs open_clip, same model, same data.
 
-    python benchmarks/eval_throughput.py                 # 2,048 Fashion-MNIST test images
+    python benchmarks/eval_throughput.py                 # 1,024 Fashion-MNIST test images
     python benchmarks/eval_throughput.py --images 10000 --batch-size 256
 
 Both sides run the `bench_s` architecture (configs/bench_s.py: ViT 64px/8, width
@@ -129,9 +129,9 @@ def timed(fn, repeats: int) -> tuple[float, float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--torch-threads", default="auto",
                    help="torch intra-op threads; 'auto' times 1 and all cores, keeps the best")
     args = p.parse_args()

@@ -268,3 +268,14 @@ def test_tfds_source_by_name(tmp_path):
     assert sorted(y for _, y in pairs) == [0, 0, 0, 1, 1, 1]
     with pytest.raises(ClipjaxError, match="not available"):
         tasks.load_source(tasks.parse("tfds:no_such_dataset_here"), "test", str(tmp_path))
+
+
+def test_watch_for_one_step_stops_after_it(tmp_path, idx_dir, classnames):
+    workdir = str(tmp_path / "run")
+    save_tiny(workdir, 5, tiny_config(train_steps=1000))
+    opts = evaluator.Options(tasks=tasks.parse_list(f"shapes=idx:{idx_dir}"), checkpoint="5",
+                             watch=True, watch_timeout=300, poll_interval=0.1,
+                             classnames=classnames, batch_size=8, progress=False)
+    t0 = time.time()
+    out = evaluator.Evaluator(workdir, opts, log=lambda _: None).run()
+    assert sorted(out) == [5] and time.time() - t0 < 120

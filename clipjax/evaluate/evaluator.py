@@ -101,6 +101,8 @@ class Evaluator:
                 if final in handled:
                     self.log(f"step {final} is the run's last (train.steps); stopping")
                     break
+                if self.opts.checkpoint.isdigit() and int(self.opts.checkpoint) in handled:
+                    break  # the one step asked for has been evaluated
                 if time.monotonic() - last_new > self.opts.watch_timeout:
                     self.log(f"no new checkpoint for {self.opts.watch_timeout:g} s; stopping")
                     break
