@@ -40,8 +40,8 @@ def get_config(arg=None):
     c.optim.lr = 2e-3
     c.optim.weight_decay = 0.05
     c.optim.warmup_steps = 50
-    c.train.steps = 600
+    c.train.steps = 700
     c.train.log_every = 25
-    c.train.ckpt_every = 200
+    c.train.ckpt_every = 250
     c.train.keep = 2
     return c
