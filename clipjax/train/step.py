@@ -144,7 +144,7 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict[str, jax.Array]):
         (loss, metrics), grads = whole_batch_grads(spec, state.params, batch)
     trainable_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads,
                                    spec.trainable)
-    grad_norm = optax.global_norm(trainable_grads)
+    grad_norm = optax.tree.norm(trainable_grads)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -158,7 +158,7 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict[str, jax.Array]):
         "loss": loss,
         "lr": spec.lr(applied),
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(new.params),
+        "param_norm": optax.tree.norm(new.params),
         "skipped": jnp.where(ok, 0, 1).astype(jnp.int32),
         "nonfinite_steps": new.nonfinite,
         **metrics,

@@ -1,0 +1,238 @@
+"""`clipjax train` as users run it: subprocesses on an emulated 8-device CPU mesh.
+
+One uninterrupted run is the reference for (a) a run that is sent SIGTERM,
+restarted, killed with SIGKILL between checkpoints and restarted again, whose
+losses and final params must equal the reference's bit for bit, and (b) the
+same training as 2 processes × 4 devices. The data is a folder source of real
+PNG files with captions, read without random crops, so the global batch of a
+step is the same set of pairs however many processes read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipjax import checkpoint
+from clipjax.data.tokenizers import train_sentencepiece
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, CKPT_EVERY = 32, 8
+TIMEOUT = 600
+VOCAB = 40
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "cat", "dog", "car", "tree", "house", "sky", "sea"]
+    for i in range(80):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:04d}.png")
+        caption = " ".join(rng.choice(words, size=3)) + f" {i}"
+        (root / f"{i:04d}.txt").write_text(caption)
+    # A small sentencepiece vocabulary: gloo (CPU multi-process) all-reduces the 49,408-row
+    # embedding gradient of CLIP's BPE slowly, and the trainer does not care which it is.
+    captions = [(root / f"{i:04d}.txt").read_text() for i in range(80)]
+    train_sentencepiece(captions, str(root.parent / f"{root.name}_sp"), vocab_size=VOCAB)
+    return str(root)
+
+
+def _args(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "clipjax", "train", "--config", "configs/tiny.py",
+            "--workdir", str(workdir), "--progress=off",
+            f"--config.train.steps={STEPS}", f"--config.train.ckpt_every={CKPT_EVERY}",
+            "--config.train.log_every=1", "--config.train.peak_flops=1e11",
+            "--config.data.batch_size=16", "--config.data.train.source=folder",
+            f"--config.data.train.path={data_dir}", "--config.data.augment.crop_scale=(1.0,1.0)",
+            "--config.data.augment.crop_ratio=(1.0,1.0)",
+            "--config.model.tokenizer.kind=sentencepiece",
+            f"--config.model.tokenizer.path={data_dir}_sp.model",
+            f"--config.model.text.vocab_size={VOCAB}", *extra]
+
+
+def _env(devices=8):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def _start(args, devices=8):
+    return subprocess.Popen(args, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=TIMEOUT):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"clipjax train timed out:\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+def _rows(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line being written
+                break
+    return rows
+
+
+def _wait_for(proc, condition, what, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read()
+            pytest.fail(f"clipjax train exited ({proc.returncode}) before {what}:\n{out[-3000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _params(workdir, step):
+    """Params restored whole onto one device, whatever topology wrote them."""
+    import flax.linen as nn
+
+    from clipjax import models
+
+    config = checkpoint.read_config(workdir)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            nn.meta.unbox(models.abstract_params(config.model)))
+    return jax.tree.map(np.asarray, checkpoint.restore_params(workdir, step, abstract))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    code, out = _finish(_start(_args(workdir, data_dir)))
+    assert code == 0, out[-3000:]
+    return {"workdir": str(workdir), "rows": _rows(workdir), "out": out}
+
+
+def test_invalid_config_exits_2_naming_the_key_before_compiling(tmp_path):
+    workdir = tmp_path / "w"
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "clipjax", "train", "--config", "configs/tiny.py",
+         "--workdir", str(workdir), "--config.optim.name=adamm"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2, r.stderr
+    assert "config.optim.name" in r.stderr and "adamm" in r.stderr
+    assert not workdir.exists()  # nothing was written, nothing compiled
+    assert "compiled" not in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "clipjax", "train", "--config", "configs/tiny.py",
+         "--workdir", str(workdir), "--config.train.grad_accum=3"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2 and "config.train.grad_accum" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 120
+
+
+def test_run_writes_the_workdir_and_metrics(reference):
+    workdir, rows = reference["workdir"], reference["rows"]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "lr", "images_per_sec", "mfu", "i2t_acc", "t2i_acc", "logit_scale",
+                "grad_norm", "param_norm", "examples_seen", "step_time",
+                "images_per_sec_per_device", "skipped_samples", "nonfinite_steps"):
+        assert key in rows[-1], key
+    assert rows[-1]["examples_seen"] == 16 * STEPS
+    assert rows[-1]["images_per_sec"] > 0 and 0 < rows[-1]["mfu"] < 1
+    assert rows[0]["lr"] == 0.0 and rows[2]["lr"] > rows[1]["lr"] > 0  # warmup
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert checkpoint.finalized_steps(workdir) == [16, 24, 32]  # keep = 3
+    config = checkpoint.read_config(workdir)
+    assert config.train.steps == STEPS and config.data.train.source == "folder"
+    assert os.listdir(os.path.join(workdir, "tb"))
+
+
+def test_sigterm_and_sigkill_then_resume_is_exact(reference, data_dir, tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    args = _args(workdir, data_dir)
+
+    # 1. Preemption: SIGTERM → checkpoint at the next step, exit 0.
+    proc = _start(args)
+    _wait_for(proc, lambda: len(_rows(workdir)) >= 3, "step 3")
+    proc.send_signal(signal.SIGTERM)
+    code, out = _finish(proc)
+    assert code == 0, out[-3000:]
+    stopped = checkpoint.finalized_steps(workdir)[-1]
+    assert 3 <= stopped < STEPS and "SIGTERM" in out
+
+    # 2. Resume, then SIGKILL between checkpoints: the steps after the last one are lost.
+    proc = _start(args)
+
+    def past_a_new_checkpoint():
+        steps = [s for s in checkpoint.finalized_steps(workdir) if s > stopped]
+        rows = _rows(workdir)
+        return steps and rows and rows[-1]["step"] > steps[-1]
+
+    _wait_for(proc, past_a_new_checkpoint, "a checkpoint after the restart")
+    proc.send_signal(signal.SIGKILL)
+    code, out = _finish(proc)
+    assert code == -signal.SIGKILL
+    assert f"resumed from step {stopped}" in out
+    killed_at = _rows(workdir)[-1]["step"]
+    last_good = checkpoint.finalized_steps(workdir)[-1]
+    assert last_good < killed_at < STEPS, (last_good, killed_at)
+
+    # 3. Resume to the end: the same losses, step for step, and the same params.
+    code, out = _finish(_start(args))
+    assert code == 0, out[-3000:]
+    assert f"resumed from step {last_good}" in out
+    rows, ref = _rows(workdir), reference["rows"]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
+    assert [r["grad_norm"] for r in rows] == [r["grad_norm"] for r in ref]
+    mine, theirs = _params(workdir, STEPS), _params(reference["workdir"], STEPS)
+    jax.tree.map(np.testing.assert_array_equal, mine, theirs)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(reference, data_dir, tmp_path):
+    workdir = str(tmp_path / "multi")
+    port = _free_port()
+    procs = [
+        _start(_args(workdir, data_dir, "--config.runtime.distributed=on",
+                     f"--config.runtime.coordinator_address=127.0.0.1:{port}",
+                     "--config.runtime.num_processes=2", f"--config.runtime.process_id={i}"),
+               devices=4)
+        for i in range(2)]
+    results = [_finish(p) for p in procs]
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    assert "8 devices, 2 processes" in results[0][1]
+    rows, ref = _rows(workdir), reference["rows"]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref], rtol=1e-5)
+    mine, theirs = _params(workdir, STEPS), _params(reference["workdir"], STEPS)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 mine, theirs)
