@@ -14,7 +14,8 @@ clipjax runs what `clipjax eval` runs (`evaluate.encoder.Encoder` over
 torch.inference_mode loop with its eval transform, at its best thread setting.
 One warm-up pass first (clipjax compiles there); the median of `--repeats` timed
 passes is reported. Both run in this process, under the same allocator (tcmalloc
-when installed, as the `clipjax` CLI uses).
+when installed, as the `clipjax` CLI uses), with the XLA CPU flags `clipjax eval`
+sets (YNNPACK fusions off: see `evaluate.encoder.tune_cpu_flags`).
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def main() -> int:
                    help="torch intra-op threads; 'auto' times 1 and all cores, keeps the best")
     args = p.parse_args()
     _reexec_with_fast_allocator()
+    from clipjax.evaluate.xla_flags import tune_cpu_flags
+
+    tune_cpu_flags()  # what `clipjax eval` sets on CPU
 
     import jax
     import torch
@@ -184,6 +188,7 @@ def main() -> int:
         "LD_PRELOAD" if "LD_PRELOAD" in os.environ else "glibc")
     print(f"\nzero-shot eval, bench_s, {what}, {len(classnames)} classes x {len(templates)} "
           f"templates, batch {args.batch_size}, allocator {alloc}, median of {args.repeats}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     load = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} CPUs, load average {load:.1f} at the end (wall-clock "
           "numbers assume an otherwise idle machine; CPU-seconds are robust to other load)")

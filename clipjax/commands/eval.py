@@ -68,6 +68,9 @@ def run(args) -> int:
     if args.tasks in ("help", "list"):
         print(_list_tasks())
         return 0
+    from clipjax.evaluate.xla_flags import tune_cpu_flags
+
+    tune_cpu_flags()  # before JAX starts its CPU backend
     config_file = next((a.split("=", 1)[1] for a in args.config_args
                         if a.startswith("--config=")), None)
     overrides = [a for a in args.config_args if not a.startswith("--config=")]
