@@ -49,25 +49,26 @@ def _snapshot(directory):
 def test_watch_picks_up_new_checkpoint_and_ignores_half_written(tmp_path, idx_dir, classnames):
     workdir = str(tmp_path / "run")
     config = tiny_config(train_steps=20)
+    opts = evaluator.Options(tasks=tasks.parse_list(f"shapes=idx:{idx_dir}"), checkpoint="all",
+                             watch=True, watch_timeout=120, poll_interval=0.2,
+                             classnames=classnames, batch_size=8, progress=False)
+    logs, out = [], {}
+    # Started before the training run has written anything: it waits for config.json.
+    thread = threading.Thread(
+        target=lambda: out.update(evaluator.Evaluator(workdir, opts, log=logs.append).run()))
+    thread.start()
+    time.sleep(0.5)
     save_tiny(workdir, 10, config)
     ckpts = checkpoint.checkpoint_dir(workdir)
     # What orbax leaves while step 30 is still being written: a temporary directory.
     shutil.copytree(os.path.join(ckpts, "10"),
                     os.path.join(ckpts, "30.orbax-checkpoint-tmp-1234567"))
-    opts = evaluator.Options(tasks=tasks.parse_list(f"shapes=idx:{idx_dir}"), checkpoint="all",
-                             watch=True, watch_timeout=120, poll_interval=0.2,
-                             classnames=classnames, batch_size=16, progress=False)
-    logs = []
-    ev = evaluator.Evaluator(workdir, opts, log=logs.append)
-    out = {}
-    thread = threading.Thread(target=lambda: out.update(ev.run()))
-    thread.start()
+    before = _snapshot(ckpts)
     first = results.result_path(workdir, "shapes", 10)
     deadline = time.time() + 90
     while not os.path.exists(first) and time.time() < deadline and thread.is_alive():
         time.sleep(0.1)
     assert os.path.exists(first), logs
-    before = _snapshot(ckpts)
     save_tiny(workdir, 20, config)  # written after the evaluator started; the final step
     before.update({k: v for k, v in _snapshot(ckpts).items() if k.startswith("20")})
     thread.join(timeout=120)
@@ -80,6 +81,7 @@ def test_watch_picks_up_new_checkpoint_and_ignores_half_written(tmp_path, idx_di
     assert 0 <= rec["top1"] <= rec["top5"] <= 1
     assert os.path.exists(os.path.join(workdir, "eval", "shapes", "top1.png"))
     assert os.listdir(os.path.join(workdir, "tb", "eval"))
+    assert any("waiting for" in line for line in logs)
     assert any("last" in line for line in logs)
 
 

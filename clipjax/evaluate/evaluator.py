@@ -68,14 +68,24 @@ class Evaluator:
     def __init__(self, workdir: str, options: Options, *, devices=None,
                  log: Callable[[str], None] | None = None):
         self.workdir = os.path.abspath(os.fspath(workdir))
+        _check_checkpoint_arg(options.checkpoint)
         self.opts = options
         self.log = log or (lambda msg: print(msg, flush=True))
-        self.config = checkpoint_lib.read_config(self.workdir)
+        self.config = self._read_config()
         self.model_cfg = self.config.model
         self.mesh = encoder_lib.make_mesh(devices)
         self._sources: dict[tuple[str, str], datasets.Source] = {}
         self._tb: results.TensorBoard | None = None
-        _check_checkpoint_arg(options.checkpoint)
+
+    def _read_config(self):
+        """config.json; with watch, waits for a training run that has not written it yet."""
+        path = os.path.join(self.workdir, checkpoint_lib.CONFIG_FILE)
+        if self.opts.watch and not os.path.exists(path):
+            self.log(f"waiting for {path}")
+            deadline = time.monotonic() + self.opts.watch_timeout
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(self.opts.poll_interval)
+        return checkpoint_lib.read_config(self.workdir)
 
     # ------------------------------------------------------------------ following
 
