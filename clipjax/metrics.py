@@ -1,11 +1,11 @@
 """Training metrics: WORKDIR/metrics.jsonl, TensorBoard scalars, a progress bar, and MFU.
 
-Only process 0 writes. MFU is model FLOPs per second (counted analytically
-from the architecture: 3 × forward per sample, plus one more forward per
-sample under GradCache accumulation is *not* counted — it is recomputation)
-over the peak of the devices, given in `train.peak_flops` or measured with a
-matmul at start-up. CPU devices in one process share the same cores, so on
-CPU the peak is per process, not per emulated device.
+Only process 0 writes. MFU = model FLOPs per second over the devices' peak.
+Model FLOPs are counted analytically from the architecture
+(`clipjax.models.flops`: 3 × forward for a trained tower, recomputation such
+as GradCache's extra forward or remat not counted); the peak is
+`train.peak_flops` per device or a matmul measured at start-up. CPU devices
+emulated in one process share its cores, so on CPU the peak is per process.
 """
 
 from __future__ import annotations
@@ -56,11 +56,17 @@ def peak_flops_total(config_peak: float, devices: list[jax.Device] | None = None
     return per_device * len(devices)
 
 
-def model_flops_per_step(config) -> float:
-    """Analytic training FLOPs of one step: 3 × forward FLOPs per sample × global batch."""
+def model_flops_per_step(config, frozen_towers: tuple[str, ...] = ()) -> float:
+    """Analytic model FLOPs of one step: forward + backward (3×) of each trained tower, the
+    forward only of a frozen one (LiT), and the B×B logits, times the global batch B."""
     from clipjax.models import flops
 
-    return 3.0 * float(flops.forward_flops_per_sample(config.model)) * config.data.batch_size
+    batch = int(config.data.batch_size)
+    forward = flops.forward_flops(config.model)
+    per_sample = sum((1.0 if tower in frozen_towers else flops.TRAIN_MULTIPLIER) * forward[tower]
+                     for tower in ("image", "text"))
+    per_sample += flops.loss_flops_per_sample(config.model, batch)
+    return per_sample * batch
 
 
 def _scalar(v: Any) -> Any:

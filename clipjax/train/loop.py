@@ -77,9 +77,9 @@ def _peak(config: ConfigDict) -> float:
         return math.nan
 
 
-def _flops(config: ConfigDict) -> float:
+def _flops(config: ConfigDict, program) -> float:
     try:
-        return metrics.model_flops_per_step(config)
+        return metrics.model_flops_per_step(config, program.frozen_towers())
     except Exception as e:
         log.warning("cannot count model FLOPs: %s", e)
         return math.nan
@@ -116,7 +116,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
     t0 = time.perf_counter()
     compiled = program.lower(state).compile()
     compile_s = time.perf_counter() - t0
-    flops_per_step = _flops(config)
+    flops_per_step = _flops(config, program)
     peak = _peak(config)
     num_devices = jax.device_count()
     print(f"clipjax train: mesh {dict(mesh.shape)}, {num_devices} devices, "

@@ -62,6 +62,12 @@ class TrainProgram:
         with self.context():
             return self._step.lower(state or self.abstract_state, batch or self.abstract_batch())
 
+    def frozen_towers(self) -> tuple[str, ...]:
+        """Top-level param groups ('image', 'text') that `optim.frozen` locks entirely."""
+        mask = optim.trainable_mask(self.abstract_state.params, self.config.optim.frozen)
+        return tuple(k for k, v in mask.items()
+                     if isinstance(v, dict) and not any(jax.tree.leaves(v)))
+
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         m = self.config.model
         b, size, length = self.config.data.batch_size, m.image.image_size, m.text.context_length
