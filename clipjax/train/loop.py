@@ -112,6 +112,11 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
         start = int(jax.device_get(state.step))
         print(f"clipjax train: resumed from step {start}", flush=True)
 
+    if start >= total:
+        print(f"clipjax train: {workdir} is already at step {start} of {total}", flush=True)
+        ckpt.close()
+        return 0
+
     # ---- compile ahead of the loop, so step times exclude it
     t0 = time.perf_counter()
     compiled = program.lower(state).compile()
@@ -144,10 +149,12 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                 if step % config.train.log_every == 0 or step == total or stop_nonfinite:
                     fetched = jax.device_get(out)
                     now = time.perf_counter()
+                    fetched["param_norm"] = jax.device_get(program.param_norm(state.params))
                     row = _row(fetched, step, step - last_step, now - last_time, data_wait,
                                batch_size, num_devices, flops_per_step, peak, pipeline.skipped)
                     writer.write(step, row)
-                    last_time, last_step, data_wait = now, step, 0.0
+                    # The next interval starts now: logging itself is not counted as step time.
+                    last_time, last_step, data_wait = time.perf_counter(), step, 0.0
 
                 if stop_nonfinite:
                     ckpt.save(state, pipeline, force=True, metadata={"reason": "nonfinite"})

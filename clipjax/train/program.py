@@ -40,6 +40,7 @@ class TrainProgram:
     batch_shardings: dict[str, NamedSharding]
     _init: Any = None
     _step: Any = None
+    _norm: Any = None
 
     @contextlib.contextmanager
     def context(self):
@@ -56,6 +57,12 @@ class TrainProgram:
         """One jitted step: (state, global batch) → (state, metrics). `state` is donated."""
         with self.context():
             return self._step(state, batch)
+
+    def param_norm(self, params) -> jax.Array:
+        """Global L2 norm of the params (computed at log steps, outside the step)."""
+        if self._norm is None:
+            self._norm = jax.jit(optax.tree.norm, out_shardings=sharding.replicated(self.mesh))
+        return self._norm(params)
 
     def lower(self, state=None, batch=None):
         """The step lowered for abstract (or given) inputs: for AOT compile and cost analysis."""

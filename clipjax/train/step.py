@@ -158,7 +158,6 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict[str, jax.Array]):
         "loss": loss,
         "lr": spec.lr(applied),
         "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(new.params),
         "skipped": jnp.where(ok, 0, 1).astype(jnp.int32),
         "nonfinite_steps": new.nonfinite,
         **metrics,
