@@ -284,6 +284,8 @@ def validate(config: ConfigDict) -> ConfigDict:
             raise ConfigError(key, f"must be >= 0; got {values[key]!r}")
     _check_model(config.model)
     _check_mesh(config)
+    import clipjax.losses  # noqa: F401  (registers the loss options' checks)
+
     for check in _CHECKS:
         check(config)
     return config

@@ -29,6 +29,7 @@ def test_tiny_loads_and_overrides_apply():
     ("--config.train.grad_accum=3", "train.grad_accum"),
     ("--config.mesh.fsdp=0", "mesh.fsdp"),
     ("--config.data.batch_size=-4", "data.batch_size"),
+    ("--config.loss.chunk=4", "loss.chunk"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -22,7 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import os
 
-    import clipjax.losses  # noqa: F401  (registers the loss options' config checks)
     from clipjax import config as config_lib
 
     config = config_lib.load_args(args.config_args)  # rejected before anything compiles
