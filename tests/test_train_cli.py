@@ -54,6 +54,7 @@ def _args(workdir, data_dir, *extra):
             "--workdir", str(workdir), "--progress=off",
             f"--config.train.steps={STEPS}", f"--config.train.ckpt_every={CKPT_EVERY}",
             "--config.train.log_every=1", "--config.train.peak_flops=1e11",
+            "--config.train.keep=2", "--config.train.keep_every=16",
             "--config.data.batch_size=16", "--config.data.train.source=folder",
             f"--config.data.train.path={data_dir}", "--config.data.augment.crop_scale=(1.0,1.0)",
             "--config.data.augment.crop_ratio=(1.0,1.0)",
@@ -163,7 +164,8 @@ def test_run_writes_the_workdir_and_metrics(reference):
     assert rows[-1]["images_per_sec"] > 0 and 0 < rows[-1]["mfu"] < 1
     assert rows[0]["lr"] == 0.0 and rows[2]["lr"] > rows[1]["lr"] > 0  # warmup
     assert rows[-1]["loss"] < rows[0]["loss"]
-    assert checkpoint.finalized_steps(workdir) == [16, 24, 32]  # keep = 3
+    # keep = 2 keeps the last two (24, 32); keep_every = 16 keeps 16 as well; 8 is gone.
+    assert checkpoint.finalized_steps(workdir) == [16, 24, 32]
     config = checkpoint.read_config(workdir)
     assert config.train.steps == STEPS and config.data.train.source == "folder"
     assert os.listdir(os.path.join(workdir, "tb"))
