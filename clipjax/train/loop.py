@@ -163,7 +163,10 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                     status = EXIT_NONFINITE
                     break
                 if step % config.train.ckpt_every == 0 or step == total:
+                    t_save = time.perf_counter()
                     ckpt.save(state, pipeline)
+                    # Saving (the device→host copy; writing is async) is not step time.
+                    last_time += time.perf_counter() - t_save
                 if step < total and preemption.agreed():
                     ckpt.save(state, pipeline, force=True, metadata={"reason": "preempted"})
                     print(f"clipjax train: SIGTERM: saved step {step}, exiting", flush=True)
