@@ -20,6 +20,7 @@ import pytest
 from clipjax import checkpoint, sharding
 from clipjax import config as config_lib
 from clipjax.data.pipeline import build_train_pipeline
+from clipjax.errors import ClipjaxError
 from clipjax.train import loop
 from clipjax.train import program as program_lib
 from clipjax.train.checkpointing import Checkpointer
@@ -153,6 +154,20 @@ def test_corrupt_latest_checkpoint_falls_back(ckpt_dir, tmp_path, caplog):
     assert "does not restore" in caplog.text
     assert checkpoint.finalized_steps(workdir) == [1, 2]
     assert os.path.isdir(os.path.join(checkpoint.checkpoint_dir(workdir), "3.corrupt-0"))
+
+
+@pytest.mark.parametrize("change", ["--config.model.text.width=32", "--config.optim.name=lion"])
+def test_resuming_another_model_or_optimizer_is_refused_not_quarantined(ckpt_dir, tmp_path,
+                                                                        change):
+    run((2, 2, 2), 1, ckpt_dir)
+    workdir = str(tmp_path / "w")
+    shutil.copytree(ckpt_dir, workdir)
+    config = tiny(change)
+    program = program_lib.build(config, _mesh(config, (8, 1, 1)))  # no compile needed
+    with pytest.raises(ClipjaxError, match="different model|another optimizer"):
+        Checkpointer(workdir, keep=5, keep_every=0).restore_latest(
+            program.abstract_state, build_train_pipeline(config))
+    assert checkpoint.finalized_steps(workdir) == [1, 2, 3]
 
 
 def test_nonfinite_loss_skips_the_update():

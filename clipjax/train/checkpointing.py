@@ -56,6 +56,7 @@ class Checkpointer:
                     f"{checkpoint.checkpoint_dir(self.workdir)}/{step} holds params only (an "
                     "imported model); train in a new workdir with "
                     f"--config.train.init_from={self.workdir}")
+            self._check_compatible(step, abstract)
             try:
                 return self._restore(step, abstract, pipeline)
             except Exception as e:  # torn or unreadable: fall back to the previous one
@@ -72,6 +73,39 @@ class Checkpointer:
             return out["metadata"].get("kind")
         except Exception:
             return None
+
+    def _check_compatible(self, step: int, abstract: TrainState) -> None:
+        """A readable checkpoint of another model or optimizer is the user's mistake, not
+        corruption: refuse to resume (and never move it aside)."""
+        reader = ocp.CheckpointManager(
+            checkpoint.checkpoint_dir(self.workdir),
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers={"params": ocp.StandardCheckpointHandler(),
+                           "train": ocp.StandardCheckpointHandler()})
+        try:
+            meta = reader.item_metadata(step)
+            saved_params, saved_train = meta["params"], meta["train"]
+        except Exception:  # unreadable metadata: let the restore decide (and fall back)
+            return
+        finally:
+            reader.close()
+        if saved_params is None or saved_train is None:
+            return
+        mine, theirs = _shapes(abstract.params), _shapes(saved_params)
+        if mine != theirs:
+            diff = sorted(set(mine.items()) ^ set(theirs.items()))[:3]
+            raise ClipjaxError(
+                f"{checkpoint.checkpoint_dir(self.workdir)}/{step} holds a different model "
+                f"(params differ: {diff}); resume with the config in "
+                f"{self.workdir}/config.json, or use a new --workdir (train.init_from can "
+                "take params from this one)")
+        mine_opt = sorted(_shapes(abstract.train_item()).values())
+        theirs_opt = sorted(_shapes(saved_train).values())
+        if mine_opt != theirs_opt:
+            raise ClipjaxError(
+                f"{checkpoint.checkpoint_dir(self.workdir)}/{step} holds another optimizer "
+                "state (optim.name / optim.frozen changed?); resume with the config in "
+                f"{self.workdir}/config.json, or use a new --workdir")
 
     def _restore(self, step: int, abstract: TrainState, pipeline) -> TrainState:
         args = ocp.args.Composite(
@@ -103,3 +137,10 @@ class Checkpointer:
     def close(self) -> None:
         self.mgr.wait_until_finished()
         self.mgr.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """path -> shape of every array leaf (abstract arrays or orbax metadata)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
+            for p, x in flat if hasattr(x, "shape")}

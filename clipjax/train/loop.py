@@ -100,11 +100,11 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                                     process_count=jax.process_count())
 
     # ---- state: resume from the newest good checkpoint, else fresh (or warm-started)
-    if jax.process_index() == 0:
-        checkpoint.write_config(workdir, config)
     ckpt = Checkpointer(workdir, keep=int(config.train.keep),
                         keep_every=int(config.train.keep_every))
     state = ckpt.restore_latest(program.abstract_state, pipeline)
+    if jax.process_index() == 0:  # after the restore: a refused resume keeps the old config
+        checkpoint.write_config(workdir, config)
     if state is None:
         state = _initial_state(program, config)
         start = 0
