@@ -71,8 +71,12 @@ class Slice:
 
     def devices(self):
         """The abstract TPU devices of this slice (or slices), for AOT compilation."""
+        import os
+
         from jax.experimental import topologies
 
+        # Compiling needs no chip: don't let another process's libtpu lock stop us.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         bounds = tuple(min(2, n) for n in self.shape[:2]) + (1,)
         try:
             topo = topologies.get_topology_desc(
@@ -80,9 +84,9 @@ class Slice:
                 chip_config_name=self.generation.chip_config, chips_per_host_bounds=bounds,
                 num_slices=self.num_slices, wrap=self.wrap)
         except Exception as e:  # libtpu missing or the shape rejected
-            raise ClipjaxError(
-                f"cannot describe TPU topology {self.name}: {e}. Install the TPU extra: "
-                "pip install 'clipjax[tpu]'") from e
+            hint = (" Install the TPU extra: pip install 'clipjax[tpu]'"
+                    if "libtpu" not in str(e) or "not found" in str(e) else "")
+            raise ClipjaxError(f"cannot describe TPU topology {self.name}: {e}.{hint}") from e
         return list(topo.devices)
 
 

@@ -16,8 +16,9 @@ def _in_repo(repo_root, monkeypatch):
 
 def _compile(capsys, *extra):
     rc = cli.main(["compile", "--config", TINY, "--topology", "v5e-8", "--json", *extra])
-    out = capsys.readouterr().out
-    return rc, json.loads(out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    return rc, json.loads(captured.out.strip().splitlines()[-1])
 
 
 def test_tiny_config_fits_a_v5e_8(capsys, tmp_path):
