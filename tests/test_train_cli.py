@@ -60,7 +60,8 @@ def _args(workdir, data_dir, *extra):
             "--config.data.augment.crop_ratio=(1.0,1.0)",
             "--config.model.tokenizer.kind=sentencepiece",
             f"--config.model.tokenizer.path={data_dir}_sp.model",
-            f"--config.model.text.vocab_size={VOCAB}", *extra]
+            f"--config.model.text.vocab_size={VOCAB}", "--config.model.image.layers=1",
+            "--config.model.text.layers=1", *extra]
 
 
 def _env(devices=8):
