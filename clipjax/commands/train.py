@@ -27,7 +27,7 @@ def run(args) -> int:
     from clipjax import config as config_lib
 
     # Validate before any device is touched or anything compiles (bad keys exit 2 here).
-    config = config_lib.load(_config_file(args.config_args), _overrides(args.config_args))
+    config = config_lib.load_args(args.config_args)
 
     from clipjax import runtime
 
@@ -37,15 +37,4 @@ def run(args) -> int:
 
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     return loop.train(config, os.fspath(args.workdir), progress=progress)
-
-
-def _config_file(config_args: list[str]) -> str | None:
-    for a in config_args:
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _overrides(config_args: list[str]) -> list[str]:
-    return [a for a in config_args if a.startswith("--config.")]
 
