@@ -5,8 +5,11 @@
 
 Each cell compiles the real train step (`clipjax.aot`, the code behind
 `clipjax compile`) for the slice on this CPU with libtpu and prints per-chip
-memory against HBM. Compiling a ViT-L step takes a minute or more per cell on
-a 2-core machine: pick a subset with the flags.
+memory against HBM. A cell that does not fit is compiled again with GradCache
+accumulation (`train.grad_accum`) so each micro-batch is `--micro-batch` (32k by
+default, OpenAI's batch): the answer a user needs is "fits, with accum N".
+Compiling a ViT-L step takes a minute or more per cell on a 2-core machine:
+pick a subset with the flags.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ sys.path.insert(0, REPO)
 MODELS = {"vit_b16": "ViT-B-16-quickgelu", "vit_l14": "ViT-L-14-quickgelu"}
 
 
-def _config(model: str, batch: int, impl: str):
+def _config(model: str, batch: int, impl: str, accum: int = 1):
     """OpenAI's recipe (configs/clip_vit_b16.py) around the model: bf16, scanned, remat,
     params and optimizer state sharded 4-way (fsdp), the batch over every chip."""
     from clipjax import config as config_lib
@@ -33,7 +36,24 @@ def _config(model: str, batch: int, impl: str):
     c = openai_clip(MODELS[model], batch)
     c.mesh.data, c.mesh.fsdp = -1, 4
     c.loss.impl = impl
+    c.train.grad_accum = accum
     return config_lib.validate(c)
+
+
+def _cell(aot, model: str, topo: str, batch: int, impl: str, accum: int, gib: float) -> bool:
+    """Compiles and prints one cell; True when it did not fit (worth a retry)."""
+    start = time.perf_counter()
+    head = f"{model:8} {topo:9} {batch:8d} {impl:5} {accum:5d}"
+    try:
+        r = aot.compile_for_topology(_config(model, batch, impl, accum), topo)
+    except Exception as e:  # one cell's failure is a result, not the end
+        print(f"{head} error: {str(e).splitlines()[0][:80]}", flush=True)
+        return False
+    verdict = ("fits" if r.fits else "does not fit") + ("*" if r.compiler_oom else "")
+    print(f"{head} {r.argument_bytes / gib:9.2f} {r.temp_bytes / gib:9.2f} "
+          f"{r.per_chip_bytes / gib:9.2f} {r.hbm_bytes_per_chip / gib:8.0f}  "
+          f"{verdict:14} {time.perf_counter() - start:6.0f}", flush=True)
+    return not r.fits
 
 
 def main() -> int:
@@ -42,30 +62,25 @@ def main() -> int:
     p.add_argument("--batches", default="32768,262144,1048576")
     p.add_argument("--topologies", default="v5e-256,v5p-128")
     p.add_argument("--impls", default="dense,ring")
+    p.add_argument("--micro-batch", type=int, default=32768,
+                   help="retry a cell that does not fit with accumulation down to this micro-batch"
+                        " (0: no retry)")
     args = p.parse_args()
     from clipjax import aot
 
     gib = float(1 << 30)
-    print(f"{'model':8} {'topology':9} {'batch':>8} {'impl':5} {'args GiB':>9} {'temp GiB':>9} "
-          f"{'total GiB':>9} {'HBM GiB':>8}  verdict        compile s")
+    print(f"{'model':8} {'topology':9} {'batch':>8} {'impl':5} {'accum':>5} {'args GiB':>9} "
+          f"{'temp GiB':>9} {'total GiB':>9} {'HBM GiB':>8}  verdict        compile s")
     for model in args.models.split(","):
         for topo in args.topologies.split(","):
             for batch in map(int, args.batches.split(",")):
                 for impl in args.impls.split(","):
-                    start = time.perf_counter()
-                    try:
-                        r = aot.compile_for_topology(_config(model, batch, impl), topo)
-                    except Exception as e:  # one cell's failure is a result, not the end
-                        print(f"{model:8} {topo:9} {batch:8d} {impl:5} error: "
-                              f"{str(e).splitlines()[0][:80]}", flush=True)
-                        continue
-                    verdict = "fits" if r.fits else "does not fit"
-                    if r.compiler_oom:
-                        verdict += "*"
-                    print(f"{model:8} {topo:9} {batch:8d} {impl:5} "
-                          f"{r.argument_bytes / gib:9.2f} {r.temp_bytes / gib:9.2f} "
-                          f"{r.per_chip_bytes / gib:9.2f} {r.hbm_bytes_per_chip / gib:8.0f}  "
-                          f"{verdict:14} {time.perf_counter() - start:6.0f}", flush=True)
+                    accums = [1]
+                    if args.micro_batch and batch > args.micro_batch:
+                        accums.append(batch // args.micro_batch)
+                    for accum in accums:
+                        if not _cell(aot, model, topo, batch, impl, accum, gib):
+                            break
     print("* XLA's TPU compiler refused the program for lack of HBM; temp = what it asked for")
     return 0
 

@@ -8,9 +8,10 @@ width 384 / 6 layers / 6 heads / MLP 1536; text context 32 / vocab 49,408 /
 width 256 / 4 heads / 6 layers; embed 256), the same global batch (128), the
 same optimizer (AdamW, weight decay off biases/norms/embeddings, clip 1.0),
 float32, on random fixed batches (input pipeline excluded on both sides).
-clipjax runs the exact jitted step `clipjax train` runs. MFU = analytic model
-FLOPs (clipjax.models.flops, the same count for both) over the peak FLOP/s of
-a 2048² float32 matmul measured here. Prints a table; asserts nothing.
+clipjax runs the exact jitted step `clipjax train` runs. MFU = analytic FLOPs of
+the work each side does (clipjax.models.flops: open_clip runs every token through
+the last blocks, clipjax only the pooled one) over the peak FLOP/s of a 2048²
+float32 matmul measured here. Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def open_clip_worker(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
         opt.step()
         times.append(time.perf_counter() - t0)
-    flops = metrics.model_flops_per_step(config)
+    flops = metrics.model_flops_per_step(config, pooled_last=False)  # it computes every token
     peak = args.peak or metrics.measure_peak_flops(seconds=2.0)
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "loss": float(loss), "peak_flops": peak,

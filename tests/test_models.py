@@ -257,9 +257,18 @@ def test_flops_of_known_architectures():
     # open_clip's model profile (fvcore, multiply-adds): ViT-B-32 image 4.41 G, text 2.96 G;
     # ViT-L-14 image 81.08 G. FLOPs are twice that.
     b32 = presets.model_config("ViT-B-32")
-    assert 2 * 4.38e9 < flops.image_flops(b32) < 2 * 4.44e9
-    assert 2 * 2.94e9 < flops.text_flops(b32) < 2 * 3.0e9
-    assert 2 * 80.9e9 < flops.image_flops(presets.model_config("ViT-L-14")) < 2 * 81.2e9
+    # Unrolled, clipjax runs only the pooled token through the last block: 1/12 less work.
+    b32 = presets.model_config("ViT-B-32")
+    full_image = flops.image_flops(b32, pooled_last=False)
+    full_text = flops.text_flops(b32, pooled_last=False)
+    assert 0.9 * full_image < flops.image_flops(b32) < 0.95 * full_image
+    assert 0.9 * full_text < flops.text_flops(b32) < 0.95 * full_text
+    b32.scan_layers = True  # a scanned stack computes every token in every block
+    assert flops.image_flops(b32) == full_image
+    assert 2 * 4.38e9 < full_image < 2 * 4.44e9
+    assert 2 * 2.94e9 < full_text < 2 * 3.0e9
+    l14 = presets.model_config("ViT-L-14")
+    assert 2 * 80.9e9 < flops.image_flops(l14, pooled_last=False) < 2 * 81.2e9
     # RN50 at 224: XLA's cost analysis of the compiled tower says 11.2 GFLOPs (it skips the
     # zero padding taps, element-wise work included); the analytic count is 11.6.
     assert 11.0e9 < flops.image_flops(presets.model_config("RN50")) < 12.0e9
@@ -285,3 +294,28 @@ def test_resnet_remat_gradients_and_frozen_batch_norm_statistics():
     bn = plain["image"]["layer1_0"]["bn1"]
     assert not np.any(bn["mean"]) and not np.any(bn["var"])  # statistics stay fixed
     assert np.any(bn["scale"]) and np.any(plain["image"]["conv1"]["kernel"])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_last_block_of_pooled_tokens_equals_the_full_stack(causal):
+    """Running only the pooled token through the last block changes nothing downstream:
+    outputs and gradients equal those of the full stack followed by the gather."""
+    from clipjax.models.layers import Transformer, take_tokens
+
+    stack = Transformer(32, 2, 4, causal=causal)
+    x = jax.random.normal(jax.random.key(0), (3, 7, 32))
+    index = jnp.array([0, 6, 3])
+    params = stack.init(jax.random.key(1), x)
+
+    def pooled(p, x):
+        return stack.apply(p, x, index)
+
+    def full(p, x):
+        return take_tokens(stack.apply(p, x), index)
+
+    np.testing.assert_allclose(pooled(params, x), full(params, x), rtol=1e-5, atol=1e-6)
+    assert pooled(params, x).shape == (3, 1, 32)
+    g_pooled = jax.grad(lambda p, x: jnp.sum(pooled(p, x) ** 2), argnums=(0, 1))(params, x)
+    g_full = jax.grad(lambda p, x: jnp.sum(full(p, x) ** 2), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_pooled), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

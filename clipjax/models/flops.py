@@ -2,7 +2,8 @@
 
 Counts matrix multiplies and convolutions only, 2*m*n*k each (one multiply-add
 is two FLOPs), as the model computes them: full T x T attention scores even where
-the causal mask discards half, one query in the ResNet's attention pool.
+the causal mask discards half, one query in the ResNet's attention pool, and
+(unrolled towers) one query through the last block, whose other tokens feed nothing.
 Element-wise work (LayerNorm, activations, softmax) is left out, as in the
 usual 6*N*D accounting; a train step is ~3x the forward pass (backward = 2x).
 """
@@ -14,19 +15,28 @@ from ml_collections import ConfigDict
 TRAIN_MULTIPLIER = 3.0  # forward + backward (grads w.r.t. activations and weights)
 
 
-def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
-    """Forward FLOPs of `layers` pre-LN blocks over one sequence of `tokens`."""
+def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float,
+                      pooled_last: bool = False) -> float:
+    """Forward FLOPs of `layers` pre-LN blocks over one sequence of `tokens`; with
+    `pooled_last`, the last block computes keys/values for every token but the rest
+    (query, attention, output projection, MLP) for the one pooled token only."""
     hidden = int(width * mlp_ratio)
-    projections = 2 * tokens * width * (3 * width + width + 2 * hidden)  # qkv, out, mlp
-    attention = 2 * 2 * tokens * tokens * width  # scores and weighted values
-    return float(layers * (projections + attention))
+
+    def block(queries: int) -> float:
+        kv = 2 * tokens * width * 2 * width
+        rest = 2 * queries * width * (width + width + 2 * hidden)  # q, out, mlp
+        return kv + rest + 2 * 2 * queries * tokens * width  # scores and weighted values
+
+    if layers and pooled_last:
+        return float((layers - 1) * block(tokens) + block(1))
+    return float(layers * block(tokens))
 
 
-def vit_flops(img: ConfigDict, embed_dim: int) -> float:
+def vit_flops(img: ConfigDict, embed_dim: int, pooled_last: bool = False) -> float:
     grid = img.image_size // img.patch_size
     patches = grid * grid
     embed = 2 * patches * (img.patch_size ** 2 * 3) * img.width
-    blocks = transformer_flops(patches + 1, img.width, img.layers, img.mlp_ratio)
+    blocks = transformer_flops(patches + 1, img.width, img.layers, img.mlp_ratio, pooled_last)
     return float(embed + blocks + 2 * img.width * embed_dim)
 
 
@@ -54,25 +64,35 @@ def resnet_flops(img: ConfigDict, embed_dim: int) -> float:
     return float(total + pool)
 
 
-def image_flops(model_cfg: ConfigDict) -> float:
-    """Forward FLOPs of the image tower for one image."""
+def _pooled_last(model_cfg: ConfigDict, pooled_last: bool | None) -> bool:
+    """Unrolled towers compute only the pooled token through the last block; a scanned
+    stack (one body for every layer) computes them all."""
+    return not model_cfg.scan_layers if pooled_last is None else pooled_last
+
+
+def image_flops(model_cfg: ConfigDict, pooled_last: bool | None = None) -> float:
+    """Forward FLOPs of the image tower for one image (`pooled_last`: None = as clipjax
+    computes it; False = every token through every block, as open_clip does)."""
     img = model_cfg.image
     if img.kind == "resnet":
         return resnet_flops(img, model_cfg.embed_dim)
-    return vit_flops(img, model_cfg.embed_dim)
+    return vit_flops(img, model_cfg.embed_dim, _pooled_last(model_cfg, pooled_last))
 
 
-def text_flops(model_cfg: ConfigDict, length: int | None = None) -> float:
+def text_flops(model_cfg: ConfigDict, length: int | None = None,
+               pooled_last: bool | None = None) -> float:
     """Forward FLOPs of the text tower for one sequence (default: the context length)."""
     txt = model_cfg.text
     tokens = length or txt.context_length
-    blocks = transformer_flops(tokens, txt.width, txt.layers, txt.mlp_ratio)
+    blocks = transformer_flops(tokens, txt.width, txt.layers, txt.mlp_ratio,
+                               _pooled_last(model_cfg, pooled_last))
     return float(blocks + 2 * txt.width * model_cfg.embed_dim)
 
 
-def forward_flops(model_cfg: ConfigDict) -> dict[str, float]:
+def forward_flops(model_cfg: ConfigDict, pooled_last: bool | None = None) -> dict[str, float]:
     """Per-sample forward FLOPs: {'image', 'text', 'total'} (one image-text pair)."""
-    image, text = image_flops(model_cfg), text_flops(model_cfg)
+    image = image_flops(model_cfg, pooled_last)
+    text = text_flops(model_cfg, pooled_last=pooled_last)
     return {"image": image, "text": text, "total": image + text}
 
 

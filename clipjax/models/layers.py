@@ -11,11 +11,13 @@ carries logical axis names; activations between blocks are constrained to
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from clipjax.errors import ClipjaxError
 
@@ -77,6 +79,65 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
+@jax.custom_vjp
+def _matmul(x, w):
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, dy):
+    x, w = res
+    dx = lax.dot_general(dy, w, (((1,), (1,)), ((), ())))
+    # The weight gradient contracts the token axis of both operands in place: autodiff's
+    # own rule yields dy^T x, which XLA:CPU feeds through a transposed copy of dy.
+    dw = lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
+    return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def linear(x, kernel, in_dims: int = 1):
+    """x[..., *in] @ kernel[*in, *out], `in` being the kernel's first `in_dims` axes, as
+    one 2-D matmul over all tokens (whose custom VJP keeps the backward free of the
+    activation transposes autodiff would add)."""
+    lead, contract, out = x.shape[:x.ndim - in_dims], kernel.shape[:in_dims], kernel.shape[in_dims:]
+    k = math.prod(contract)
+    y = _matmul(x.reshape(-1, k), kernel.reshape(k, -1))
+    return y.reshape(*lead, *out)
+
+
+def attention(q, k, v, causal: bool = False, query_index=None):
+    """Softmax attention of [B, Lq, H, D] queries over [B, L, H, D] keys/values.
+
+    Computed head-major ([B, H, L, D]): XLA:CPU runs those batched matmuls ~1.6x faster
+    than the token-major layout of `jax.nn.dot_product_attention`, with the same numerics
+    (f32 logits and softmax). `query_index` [B] gives each query's position when Lq=1
+    (the causal mask then hides the keys after it).
+    """
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * q.shape[-1] ** -0.5
+    if causal:
+        keys = jnp.arange(k.shape[2])
+        if query_index is None:
+            mask = keys[None, :] <= jnp.arange(q.shape[2])[:, None]
+        else:
+            mask = (keys[None, :] <= query_index[:, None])[:, None, None, :]
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    y = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return jnp.swapaxes(y, 1, 2)
+
+
+def take_tokens(x, index):
+    """[B, L, W] -> [B, 1, W]: each sequence's token at `index` [B]."""
+    return jnp.take_along_axis(x, index[:, None, None], axis=1)
+
+
 def layer_norm(dtype, param_dtype, axis_name: str = "embed", name: str | None = None):
     """torch-compatible LayerNorm (eps 1e-5, two-pass variance) with logical names."""
     return nn.LayerNorm(
@@ -97,7 +158,9 @@ class SelfAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, query_index=None):
+        """Full self-attention, or with `query_index` [B] only the query at that position
+        of each sequence (keys and values still come from every token): [B, 1, W]."""
         head_dim = self.width // self.heads
         attn_std = self.attn_std or self.width ** -0.5
         out_std = self.out_std or self.width ** -0.5
@@ -113,10 +176,14 @@ class SelfAttention(nn.Module):
         out_bias = self.param("out_bias", logical(zeros, ("embed",)), (self.width,),
                               self.param_dtype)
         x = x.astype(self.dtype)
-        qkv = jnp.einsum("blw,wthd->tblhd", x, qkv_kernel.astype(self.dtype))
-        qkv = qkv + qkv_bias.astype(self.dtype)[:, None, None]
-        y = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
-        y = jnp.einsum("blhd,hdw->blw", y, out_kernel.astype(self.dtype))
+        kernel, bias = qkv_kernel.astype(self.dtype), qkv_bias.astype(self.dtype)
+        if query_index is None:
+            q, k, v = jnp.moveaxis(linear(x, kernel) + bias, 2, 0)
+        else:
+            q = linear(take_tokens(x, query_index), kernel[:, 0]) + bias[0]
+            k, v = jnp.moveaxis(linear(x, kernel[:, 1:]) + bias[1:], 2, 0)
+        y = attention(q, k, v, causal=self.causal, query_index=query_index)
+        y = linear(y, out_kernel.astype(self.dtype), in_dims=2)
         return y + out_bias.astype(self.dtype)
 
 
@@ -144,9 +211,9 @@ class Mlp(nn.Module):
         proj_bias = self.param("proj_bias", logical(zeros, ("embed",)), (self.width,),
                                self.param_dtype)
         x = x.astype(self.dtype)
-        h = jnp.einsum("blw,wm->blm", x, fc_kernel.astype(self.dtype))
-        h = activation(self.act)(h + fc_bias.astype(self.dtype))
-        y = jnp.einsum("blm,mw->blw", h, proj_kernel.astype(self.dtype))
+        h = activation(self.act)(linear(x, fc_kernel.astype(self.dtype))
+                                 + fc_bias.astype(self.dtype))
+        y = linear(h, proj_kernel.astype(self.dtype))
         return y + proj_bias.astype(self.dtype)
 
 
@@ -163,13 +230,17 @@ class ResidualBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, _=None):
+    def __call__(self, x, _=None, query_index=None):
+        """[B, L, W] -> [B, L, W]; with `query_index` [B], only that token of each sequence
+        goes on through the block: [B, 1, W] (what a tower's last block needs to pool)."""
         proj_std = self.width ** -0.5 * (2 * self.depth) ** -0.5
         hidden = int(self.width * self.mlp_ratio)  # open_clip's int() truncation
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = layer_norm(name="ln_1", **kw)(x)
+        if query_index is not None:
+            x = take_tokens(x, query_index)
         x = x + SelfAttention(self.width, self.heads, self.causal, out_std=proj_std,
-                              name="attn", **kw)(y)
+                              name="attn", **kw)(y, query_index)
         x = constrain(x)
         y = layer_norm(name="ln_2", **kw)(x)
         x = x + Mlp(self.width, hidden, self.act, proj_std=proj_std, name="mlp", **kw)(y)
@@ -192,7 +263,10 @@ class Transformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, pool_index=None):
+        """[B, L, W] -> [B, L, W]; with `pool_index` [B], each sequence's token at that
+        position: [B, 1, W]. Unrolled, the last block then computes only those tokens
+        (its other outputs feed nothing): the same result, ~1/layers less work."""
         block = ResidualBlock
         policy = remat_policy(self.remat)
         if policy is not None:
@@ -205,7 +279,8 @@ class Transformer(nn.Module):
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(**kw, name="blocks")(x, None)
-            return x
+            return x if pool_index is None else take_tokens(x, pool_index)
         for i in range(self.layers):
-            x, _ = block(**kw, name=f"blocks_{i}")(x, None)
+            last = i == self.layers - 1 and pool_index is not None
+            x, _ = block(**kw, name=f"blocks_{i}")(x, None, pool_index if last else None)
         return x

@@ -1,7 +1,7 @@
 """OpenAI's text transformer (open_clip `TextTransformer` as CLIP embeds it).
 
-token + learned position embeddings -> causal pre-LN blocks -> ln_final ->
-pool one token per sequence -> projection. Pooling 'argmax' takes the position
+token + learned position embeddings -> causal pre-LN blocks -> the pooled token
+(the last block computes only it) -> ln_final -> projection. Pooling 'argmax' takes the position
 of the highest token id, which for CLIP's BPE is the end-of-text token.
 """
 
@@ -14,14 +14,13 @@ from clipjax.errors import ClipjaxError
 from clipjax.models.layers import Transformer, constrain, layer_norm, logical, normal
 
 
-def pool_tokens(x, tokens, pool: str):
-    """[B, L, W] -> [B, W]: the features at the position `pool` names."""
+def pool_index(tokens, pool: str):
+    """[B, L] token ids -> [B]: the position whose features embed each sequence."""
     if pool == "first":
-        return x[:, 0]
+        return jnp.zeros(tokens.shape[0], jnp.int32)
     if pool == "last":
-        return x[:, -1]
-    index = jnp.argmax(tokens, axis=-1)  # first maximum, as torch.argmax
-    return jnp.take_along_axis(x, index[:, None, None], axis=1)[:, 0]
+        return jnp.full(tokens.shape[0], tokens.shape[-1] - 1, jnp.int32)
+    return jnp.argmax(tokens, axis=-1).astype(jnp.int32)  # first maximum, as torch.argmax
 
 
 class TextTransformer(nn.Module):
@@ -62,7 +61,7 @@ class TextTransformer(nn.Module):
         x = x + positional[:length].astype(self.dtype)
         x = constrain(x)
         x = Transformer(w, self.layers, self.heads, self.mlp_ratio, self.act, causal=True,
-                        scan=self.scan, remat=self.remat, name="transformer", **kw)(x)
-        x = layer_norm(name="ln_final", **kw)(x)
-        pooled = pool_tokens(x, tokens, self.pool)
+                        scan=self.scan, remat=self.remat, name="transformer",
+                        **kw)(x, pool_index(tokens, self.pool))
+        pooled = layer_norm(name="ln_final", **kw)(x[:, 0])
         return pooled @ projection.astype(self.dtype)

@@ -69,6 +69,7 @@ class VisionTransformer(nn.Module):
         x = constrain(x)
         x = layer_norm(name="ln_pre", **kw)(x)
         x = Transformer(w, self.layers, self.heads, self.mlp_ratio, self.act, causal=False,
-                        scan=self.scan, remat=self.remat, name="transformer", **kw)(x)
+                        scan=self.scan, remat=self.remat, name="transformer",
+                        **kw)(x, jnp.zeros(x.shape[0], jnp.int32))
         pooled = layer_norm(name="ln_post", **kw)(x[:, 0])
         return pooled @ proj.astype(self.dtype)
