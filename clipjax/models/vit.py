@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clipjax.errors import ClipjaxError
-from clipjax.models.layers import Transformer, constrain, layer_norm, logical, normal
+from clipjax.models.layers import Transformer, constrain, layer_norm, linear, logical, normal
 
 
 def check_image_shape(images, size: int) -> None:
@@ -63,7 +63,7 @@ class VisionTransformer(nn.Module):
 
         check_image_shape(images, self.image_size)
         x = patchify(images.astype(self.dtype), p)
-        x = jnp.einsum("bnp,pw->bnw", x, patch_kernel.astype(self.dtype))
+        x = linear(x, patch_kernel.astype(self.dtype))
         cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (x.shape[0], 1, w))
         x = jnp.concatenate([cls, x], axis=1) + positional.astype(self.dtype)
         x = constrain(x)
