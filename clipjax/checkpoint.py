@@ -135,7 +135,10 @@ def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
     try:
         if abstract is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            meta = mgr.item_metadata(step)["params"]
+            # Read the item's own metadata: the manager's view of it is None for a
+            # checkpoint that another (multi-process) run wrote.
+            item = os.path.join(checkpoint_dir(workdir), str(step), "params")
+            meta = ocp.StandardCheckpointer().metadata(item).item_metadata
             abstract = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
         args = ocp.args.StandardRestore(abstract)
