@@ -113,8 +113,8 @@ def linear(x, kernel, in_dims: int = 1):
 def attention(q, k, v, causal: bool = False, query_index=None):
     """Softmax attention of [B, Lq, H, D] queries over [B, L, H, D] keys/values.
 
-    Computed head-major ([B, H, L, D]): XLA:CPU runs those batched matmuls ~1.6x faster
-    than the token-major layout of `jax.nn.dot_product_attention`, with the same numerics
+    Computed head-major ([B, H, L, D]): on XLA:CPU forward + backward run ~1.4x faster
+    than in the token-major layout of `jax.nn.dot_product_attention`, with the same numerics
     (f32 logits and softmax). `query_index` [B] gives each query's position when Lq=1
     (the causal mask then hides the keys after it).
     """
@@ -280,6 +280,8 @@ class Transformer(nn.Module):
                 length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(**kw, name="blocks")(x, None)
             return x if pool_index is None else take_tokens(x, pool_index)
+        if not self.layers and pool_index is not None:
+            return take_tokens(x, pool_index)
         for i in range(self.layers):
             last = i == self.layers - 1 and pool_index is not None
             x, _ = block(**kw, name=f"blocks_{i}")(x, None, pool_index if last else None)
