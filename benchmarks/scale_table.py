@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 MODELS = {"vit_b16": "ViT-B-16-quickgelu", "vit_l14": "ViT-L-14-quickgelu"}
+GIB = float(1 << 30)
 
 
 def _config(model: str, batch: int, impl: str, accum: int = 1):
@@ -40,8 +41,10 @@ def _config(model: str, batch: int, impl: str, accum: int = 1):
     return config_lib.validate(c)
 
 
-def _cell(aot, model: str, topo: str, batch: int, impl: str, accum: int, gib: float) -> bool:
+def _cell(model: str, topo: str, batch: int, impl: str, accum: int) -> bool:
     """Compiles and prints one cell; True when it did not fit (worth a retry)."""
+    from clipjax import aot
+
     start = time.perf_counter()
     head = f"{model:8} {topo:9} {batch:8d} {impl:5} {accum:5d}"
     try:
@@ -50,8 +53,8 @@ def _cell(aot, model: str, topo: str, batch: int, impl: str, accum: int, gib: fl
         print(f"{head} error: {str(e).splitlines()[0][:80]}", flush=True)
         return False
     verdict = ("fits" if r.fits else "does not fit") + ("*" if r.compiler_oom else "")
-    print(f"{head} {r.argument_bytes / gib:9.2f} {r.temp_bytes / gib:9.2f} "
-          f"{r.per_chip_bytes / gib:9.2f} {r.hbm_bytes_per_chip / gib:8.0f}  "
+    print(f"{head} {r.argument_bytes / GIB:9.2f} {r.temp_bytes / GIB:9.2f} "
+          f"{r.per_chip_bytes / GIB:9.2f} {r.hbm_bytes_per_chip / GIB:8.0f}  "
           f"{verdict:14} {time.perf_counter() - start:6.0f}", flush=True)
     return not r.fits
 
@@ -66,9 +69,6 @@ def main() -> int:
                    help="retry a cell that does not fit with accumulation down to this micro-batch"
                         " (0: no retry)")
     args = p.parse_args()
-    from clipjax import aot
-
-    gib = float(1 << 30)
     print(f"{'model':8} {'topology':9} {'batch':>8} {'impl':5} {'accum':>5} {'args GiB':>9} "
           f"{'temp GiB':>9} {'total GiB':>9} {'HBM GiB':>8}  verdict        compile s")
     for model in args.models.split(","):
@@ -79,7 +79,7 @@ def main() -> int:
                     if args.micro_batch and batch > args.micro_batch:
                         accums.append(batch // args.micro_batch)
                     for accum in accums:
-                        if not _cell(aot, model, topo, batch, impl, accum, gib):
+                        if not _cell(model, topo, batch, impl, accum):
                             break
     print("* XLA's TPU compiler refused the program for lack of HBM; temp = what it asked for")
     return 0

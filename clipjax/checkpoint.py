@@ -123,6 +123,16 @@ def _quiet_absl():
         absl_logging.set_verbosity(level)
 
 
+def item_metadata(workdir: str, step: int, item: str) -> Any:
+    """The array metadata (shapes, dtypes) an item of a checkpoint step was saved with.
+
+    Read from the item's own directory: a CheckpointManager's view of it is None
+    for a checkpoint that another (multi-process) run wrote.
+    """
+    path = os.path.join(checkpoint_dir(workdir), str(step), item)
+    return ocp.StandardCheckpointer().metadata(path).item_metadata
+
+
 def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
     """Restores only the params item.
 
@@ -135,12 +145,9 @@ def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
     try:
         if abstract is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            # Read the item's own metadata: the manager's view of it is None for a
-            # checkpoint that another (multi-process) run wrote.
-            item = os.path.join(checkpoint_dir(workdir), str(step), "params")
-            meta = ocp.StandardCheckpointer().metadata(item).item_metadata
             abstract = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                item_metadata(workdir, step, "params"))
         args = ocp.args.StandardRestore(abstract)
         with _quiet_absl():  # orbax warns about every item it was not asked to restore
             out = mgr.restore(step, args=ocp.args.Composite(params=args))

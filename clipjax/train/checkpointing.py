@@ -77,18 +77,11 @@ class Checkpointer:
     def _check_compatible(self, step: int, abstract: TrainState) -> None:
         """A readable checkpoint of another model or optimizer is the user's mistake, not
         corruption: refuse to resume (and never move it aside)."""
-        reader = ocp.CheckpointManager(
-            checkpoint.checkpoint_dir(self.workdir),
-            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-            item_handlers={"params": ocp.StandardCheckpointHandler(),
-                           "train": ocp.StandardCheckpointHandler()})
         try:
-            meta = reader.item_metadata(step)
-            saved_params, saved_train = meta["params"], meta["train"]
+            saved_params = checkpoint.item_metadata(self.workdir, step, "params")
+            saved_train = checkpoint.item_metadata(self.workdir, step, "train")
         except Exception:  # unreadable metadata: let the restore decide (and fall back)
             return
-        finally:
-            reader.close()
         if saved_params is None or saved_train is None:
             return
         mine, theirs = _shapes(abstract.params), _shapes(saved_params)
