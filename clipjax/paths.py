@@ -1,0 +1,249 @@
+"""The one path layer: every path a user gives (workdir, checkpoint, shards, caches,
+indexes, outputs) goes through here, so `gs://` (or any fsspec protocol whose package
+is installed) behaves like a local path, and a relative local path means the same
+thing wherever the process later looks from.
+
+Paths are `etils.epath.Path` objects. A relative local path is made absolute when it
+is resolved (orbax insists on absolute paths, and a run must not move if the process
+changes directory); `file://` is stripped; URIs are kept as they are. A protocol
+whose filesystem package is missing is a `ClipjaxError` that says what to install,
+not an ImportError from deep inside a save.
+
+Object stores have no rename and no append: `write_text` replaces an object whole
+(atomic on GCS, tmp + rename locally), and nothing here appends to a remote file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import IO, Any
+
+from etils import epath
+
+from clipjax.errors import ClipjaxError
+
+PathLike = str | os.PathLike
+
+_URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+# protocol -> (module to import, pip requirement that provides it)
+_BACKENDS = {
+    "gs": ("gcsfs", "clipjax[gcs]  (or: pip install gcsfs)"),
+    "gcs": ("gcsfs", "clipjax[gcs]  (or: pip install gcsfs)"),
+    "s3": ("s3fs", "s3fs"),
+    "az": ("adlfs", "adlfs"),
+    "abfs": ("adlfs", "adlfs"),
+    "hf": ("huggingface_hub", "huggingface_hub"),
+}
+
+
+class _DropBucketTypeNoise(logging.Filter):
+    """gcsfs warns on every call that it cannot tell a bucket's type without default
+    credentials (always so against an emulator); the fallback it takes is the right one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Could not determine bucket type" not in record.getMessage()
+
+
+logging.getLogger("gcsfs").addFilter(_DropBucketTypeNoise())
+
+
+def protocol(path: PathLike) -> str:
+    """'gs', 's3', ... for a URI; '' for a local path (including file://)."""
+    m = _URI.match(os.fspath(path))
+    if not m or m.group(1).lower() == "file":
+        return ""
+    return m.group(1).lower()
+
+
+def is_remote(path: PathLike) -> bool:
+    return protocol(path) != ""
+
+
+def require_backend(path: PathLike) -> None:
+    """A ClipjaxError naming the package to install when `path`'s protocol lacks one."""
+    proto = protocol(path)
+    if not proto:
+        return
+    module, requirement = _BACKENDS.get(proto, (None, None))
+    if module is None:
+        if importlib.util.find_spec("fsspec") is None:
+            raise ClipjaxError(f"{path}: {proto}:// paths need fsspec: pip install fsspec")
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(proto)
+        except (ImportError, ValueError) as e:
+            raise ClipjaxError(f"{path}: no filesystem for {proto}:// ({e})") from e
+        return
+    if importlib.util.find_spec(module) is None:
+        raise ClipjaxError(f"{path}: {proto}:// paths need the {module} package: "
+                           f"pip install {requirement}")
+
+
+def resolve(path: PathLike) -> epath.Path:
+    """A user's path as an absolute `epath.Path` (see the module docstring)."""
+    if isinstance(path, epath.Path) and is_remote(os.fspath(path)):
+        return path
+    s = os.fspath(path)
+    if not s:
+        raise ClipjaxError("an empty path was given")
+    if is_remote(s):
+        require_backend(s)
+        return epath.Path(s)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    return epath.Path(os.path.abspath(os.path.expanduser(s)))
+
+
+def to_str(path: PathLike) -> str:
+    """The resolved path as a string (for libraries that want one: orbax, tensorstore)."""
+    return os.fspath(resolve(path))
+
+
+def join(path: PathLike, *parts: str) -> epath.Path:
+    out = resolve(path)
+    for p in parts:
+        out = out / p
+    return out
+
+
+def local(path: PathLike) -> str | None:
+    """The local filesystem path, or None for a remote one."""
+    return None if is_remote(path) else to_str(path)
+
+
+def exists(path: PathLike) -> bool:
+    return resolve(path).exists()
+
+
+def is_dir(path: PathLike) -> bool:
+    return resolve(path).is_dir()
+
+
+def is_file(path: PathLike) -> bool:
+    return resolve(path).is_file()
+
+
+def listdir(path: PathLike) -> list[str]:
+    """Names in a directory (fresh: a remote listing is never served from a cache)."""
+    p = resolve(path)
+    invalidate_cache(p)
+    if not p.is_dir():
+        return []
+    return sorted(c.name for c in p.iterdir())
+
+
+def makedirs(path: PathLike) -> epath.Path:
+    p = resolve(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def read_bytes(path: PathLike) -> bytes:
+    return resolve(path).read_bytes()
+
+
+def read_text(path: PathLike) -> str:
+    return resolve(path).read_text(encoding="utf-8")
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Replaces the file whole: readers see the old content or the new, never a part."""
+    p = resolve(path)
+    if is_remote(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)  # one object upload: atomic on object stores
+        invalidate_cache(p.parent)
+        return
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.parent / f".{p.name}.{os.getpid()}.tmp"
+    tmp.write_bytes(data)
+    os.replace(os.fspath(tmp), os.fspath(p))
+
+
+def write_text(path: PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def open(path: PathLike, mode: str = "rb") -> IO[Any]:  # noqa: A001 (the module's own open)
+    """A file object; remote ones are fsspec buffered files (seek + ranged reads)."""
+    p = resolve(path)
+    if "w" in mode or "a" in mode:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    return p.open(mode)
+
+
+def size(path: PathLike) -> int:
+    p = resolve(path)
+    if is_remote(p):
+        fs, key = fsspec_fs(p)
+        return int(fs.size(key))
+    return os.path.getsize(os.fspath(p))
+
+
+def mtime_token(path: PathLike) -> str:
+    """Something that changes when the file changes (mtime locally; generation/etag
+    remotely), for caches keyed by a file's identity."""
+    p = resolve(path)
+    if not is_remote(p):
+        return str(os.stat(os.fspath(p)).st_mtime_ns)
+    fs, key = fsspec_fs(p)
+    info = fs.info(key)
+    for k in ("generation", "etag", "ETag", "mtime", "LastModified", "updated"):
+        if info.get(k):
+            return str(info[k])
+    return ""
+
+
+def fsspec_fs(path: PathLike):
+    """(fsspec filesystem, path within it) for a resolved path, for streaming and
+    ranged reads."""
+    import fsspec
+
+    s = to_str(path)
+    try:
+        return fsspec.core.url_to_fs(s)
+    except (ImportError, ValueError) as e:
+        raise ClipjaxError(f"{s}: cannot open this URL scheme: {e}") from e
+
+
+def invalidate_cache(path: PathLike) -> None:
+    """Drops fsspec's listing cache for `path`, so a listing sees other processes' writes."""
+    if not is_remote(path):
+        return
+    with contextlib.suppress(Exception):
+        fs, key = fsspec_fs(path)
+        fs.invalidate_cache(key)
+
+
+def glob(pattern: PathLike) -> list[str]:
+    """Paths matching a glob pattern, as strings, sorted (remote: with the protocol)."""
+    s = to_str(pattern)
+    if not is_remote(s):
+        import glob as glob_lib
+
+        return sorted(glob_lib.glob(s))
+    fs, key = fsspec_fs(s)
+    proto = protocol(s)
+    return sorted(f"{proto}://{m}" if "://" not in m else m for m in fs.glob(key))
+
+
+def rmtree(path: PathLike) -> None:
+    p = resolve(path)
+    if p.exists():
+        p.rmtree()
+
+
+def walk_files(path: PathLike) -> Iterator[epath.Path]:
+    """Every file under a directory, depth first, names sorted."""
+    root = resolve(path)
+    for child in sorted(root.iterdir(), key=lambda c: c.name):
+        if child.is_dir():
+            yield from walk_files(child)
+        else:
+            yield child
