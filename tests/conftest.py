@@ -17,3 +17,26 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A real GCS API server (fake-gcs-server) for the whole session, bucket `bucket1`.
+
+    `gcs.env()` is the environment a client needs; tests that run clipjax in this
+    process use the `gcs_env` fixture, subprocess tests pass `{**os.environ, **gcs.env()}`.
+    Give each test its own prefix: gs://bucket1/<test name>/...
+    """
+    from gcs_server import GcsServer
+
+    server = GcsServer(tmp_path_factory.mktemp("gcs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_env(gcs, monkeypatch):
+    """This process talks to the test GCS server (gcsfs, tensorstore)."""
+    for k, v in gcs.env().items():
+        monkeypatch.setenv(k, v)
+    return gcs
