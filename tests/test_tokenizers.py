@@ -147,7 +147,7 @@ def test_default_vocab_found_without_importing_torch(repo_root):
     import sys
 
     code = ("import sys; from clipjax.data import tokenizers as t; p = t.default_bpe_path(); "
-            "assert p.endswith('bpe_simple_vocab_16e6.txt.gz'), p; "
+            "assert p.endswith('clipjax/data/vocab/bpe_simple_vocab_16e6.txt.gz'), p; "
             "t.ClipBpeTokenizer()(['x']); "
             "assert 'torch' not in sys.modules and 'open_clip' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=repo_root)

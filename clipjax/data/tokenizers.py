@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import importlib.util
+import importlib.resources
 import io
 import itertools
 import os
@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError, ConfigError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -49,24 +50,16 @@ _PRETOKEN_ASCII = re.compile(
 
 
 def default_bpe_path() -> str:
-    """The vocab shipped inside the installed open-clip-torch package, or '' if none.
+    """The vocab that ships inside the clipjax package (clipjax/data/vocab/, see NOTICE.txt).
 
-    Found with importlib's finder, so neither open_clip nor torch is imported.
+    Read with importlib.resources: no open-clip-torch (nor torch) is needed or imported.
     """
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError):
-        return ""
-    if spec is None:
-        return ""
-    dirs = list(spec.submodule_search_locations or [])
-    if spec.origin:
-        dirs.append(os.path.dirname(spec.origin))
-    for d in dirs:
-        path = os.path.join(d, VOCAB_FILE)
-        if os.path.isfile(path):
-            return path
-    return ""
+    res = importlib.resources.files("clipjax.data.vocab") / VOCAB_FILE
+    if not res.is_file():
+        raise ClipjaxError(
+            f"this clipjax install lacks clipjax/data/vocab/{VOCAB_FILE} (a broken wheel?); "
+            "reinstall clipjax, or point --config.model.tokenizer.path at a copy of it")
+    return os.fspath(res)
 
 
 @functools.cache
@@ -90,9 +83,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 @functools.cache
 def _load_merges(path: str) -> tuple[tuple[str, str], ...]:
     try:
-        with gzip.open(path) as f:
-            lines = f.read().decode("utf-8").split("\n")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+        lines = gzip.decompress(paths.read_bytes(path)).decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as e:
         raise ClipjaxError(f"cannot read the CLIP BPE vocab {path!r}: {e}") from e
     merges = tuple(tuple(line.split()) for line in lines[1:NUM_MERGES + 1])
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
@@ -211,15 +203,15 @@ class SentencePieceTokenizer:
                 "the sentencepiece tokenizer needs a .model file: set "
                 "--config.model.tokenizer.path=FILE.model (train one with "
                 "`clipjax tokenizer train`)")
-        if not os.path.isfile(path):
+        resolved = paths.to_str(path)
+        if not _exists(resolved):
             raise ClipjaxError(
                 f"sentencepiece model {path!r} does not exist; set "
                 "--config.model.tokenizer.path to a .model file")
-        self.path = path
-        self.sp = spm.SentencePieceProcessor()
+        self.path = resolved
         try:
-            self.sp.Load(path)
-        except (OSError, RuntimeError) as e:
+            self.sp = spm.SentencePieceProcessor(model_proto=paths.read_bytes(resolved))
+        except (OSError, RuntimeError, TypeError) as e:
             raise ClipjaxError(f"{path!r} is not a sentencepiece model: {e}") from e
         self.eot_id = int(self.sp.eos_id())
         if self.eot_id < 0:
@@ -283,21 +275,22 @@ def _pack(rows: list[list[int]], length: int, end_id: int, pad_id: int) -> np.nd
 
 
 def _resolve_bpe_path(path: str) -> str:
-    if path:
-        if not os.path.isfile(path):
-            raise ClipjaxError(
-                f"CLIP BPE vocab {path!r} does not exist; set --config.model.tokenizer.path to "
-                f"{VOCAB_FILE} (it ships in the open-clip-torch package), or leave it empty to "
-                "use the installed open-clip-torch's copy")
-        return path
-    found = default_bpe_path()
-    if not found:
+    """The vocab to read: `path` (local, relative or gs://) when given, else clipjax's own."""
+    if not path:
+        return default_bpe_path()
+    resolved = paths.to_str(path)
+    if not _exists(resolved):
         raise ClipjaxError(
-            f"no CLIP BPE vocab: --config.model.tokenizer.path is empty and no installed "
-            f"open-clip-torch package carries {VOCAB_FILE}; install open-clip-torch "
-            f"(pip install --no-deps open-clip-torch) or point --config.model.tokenizer.path "
-            f"at a copy of {VOCAB_FILE}")
-    return found
+            f"CLIP BPE vocab {path!r} does not exist; set --config.model.tokenizer.path to "
+            f"a copy of {VOCAB_FILE}, or leave it empty to use the one that ships in clipjax")
+    return resolved
+
+
+def _exists(path: str) -> bool:
+    try:
+        return paths.is_file(path)
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- building
@@ -354,8 +347,6 @@ def train_sentencepiece(texts_or_path: str | os.PathLike | Iterable[str], model_
         raise ClipjaxError(f"vocab_size must be at least 4; got {vocab_size}")
     if model_type not in ("unigram", "bpe", "char", "word"):
         raise ClipjaxError(f"model_type must be unigram, bpe, char or word; got {model_type!r}")
-    out_dir = os.path.dirname(os.path.abspath(model_prefix))
-    os.makedirs(out_dir, exist_ok=True)
     options = dict(
         vocab_size=vocab_size, model_type=model_type, pad_id=0, unk_id=1, bos_id=-1,
         eos_id=vocab_size - 1, character_coverage=character_coverage,
@@ -366,10 +357,18 @@ def train_sentencepiece(texts_or_path: str | os.PathLike | Iterable[str], model_
     model = io.BytesIO()
     try:
         if isinstance(texts_or_path, str | os.PathLike):
-            path = os.fspath(texts_or_path)
-            if not os.path.isfile(path):
-                raise ClipjaxError(f"caption file {path!r} does not exist")
-            spm.SentencePieceTrainer.train(input=path, model_writer=model, **options)
+            source = paths.to_str(texts_or_path)
+            if not _exists(source):
+                raise ClipjaxError(f"caption file {os.fspath(texts_or_path)!r} does not exist")
+            local = paths.local(source)
+            if local is not None:
+                spm.SentencePieceTrainer.train(input=local, model_writer=model, **options)
+            else:  # a remote caption file: streamed line by line
+                with paths.open(source, "rb") as f:
+                    lines = (" ".join(raw.decode("utf-8", "replace").split()) for raw in f)
+                    spm.SentencePieceTrainer.train(
+                        sentence_iterator=(t for t in lines if t), model_writer=model,
+                        **options)
         else:
             lines = (" ".join(str(t).split()) for t in texts_or_path)
             spm.SentencePieceTrainer.train(
@@ -380,11 +379,10 @@ def train_sentencepiece(texts_or_path: str | os.PathLike | Iterable[str], model_
             message = (f"vocab_size {vocab_size} is more pieces than this text supports; "
                        "lower the vocab size or train on more text")
         raise ClipjaxError(f"sentencepiece training failed: {message}") from e
-    path = os.fspath(model_prefix) + ".model"
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
+    prefix = paths.to_str(model_prefix)
+    path = prefix + ".model"
+    paths.write_bytes(path, model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with open(os.fspath(model_prefix) + ".vocab", "w", encoding="utf-8") as f:
-        for i in range(sp.vocab_size()):
-            f.write(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n")
+    paths.write_text(prefix + ".vocab", "".join(
+        f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.vocab_size())))
     return path
