@@ -9,12 +9,18 @@
 
 Params live in their own item so that readers (the evaluator, `clipjax.load`,
 export) restore them without the optimizer state, onto their own mesh.
+
+WORKDIR may be relative, absolute or a URI (`gs://bucket/run`): every function
+here resolves it through `clipjax.paths` first, so a relative workdir means the
+directory it named when the process started, and orbax gets the absolute path
+it insists on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +30,7 @@ from absl import logging as absl_logging
 from ml_collections import ConfigDict
 
 from clipjax import config as config_lib
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 CONFIG_FILE = "config.json"
@@ -32,23 +39,22 @@ ITEMS = ("params", "train", "data", "metadata")
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.fspath(workdir), CHECKPOINTS)
+    return os.fspath(paths.join(workdir, CHECKPOINTS))
+
+
+def step_dir(workdir: str, step: int) -> str:
+    return os.fspath(paths.join(workdir, CHECKPOINTS, str(step)))
 
 
 def write_config(workdir: str, config: ConfigDict) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config_lib.to_json(config))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    paths.write_text(paths.join(workdir, CONFIG_FILE), config_lib.to_json(config))
 
 
 def read_config(workdir: str) -> ConfigDict:
-    path = os.path.join(os.fspath(workdir), CONFIG_FILE)
-    if not os.path.exists(path):
+    path = paths.join(workdir, CONFIG_FILE)
+    if not path.exists():
         raise ClipjaxError(f"{workdir}: no {CONFIG_FILE}; is this a clipjax workdir?")
-    with open(path, encoding="utf-8") as f:
-        return config_lib.from_json(f.read())
+    return config_lib.from_json(path.read_text(encoding="utf-8"))
 
 
 def manager(workdir: str, *, keep: int | None = None, keep_every: int | None = None,
@@ -65,21 +71,19 @@ def manager(workdir: str, *, keep: int | None = None, keep_every: int | None = N
 
 
 def finalized_steps(workdir: str) -> list[int]:
-    """Steps whose checkpoint is complete (orbax writes to a temp dir, then renames)."""
+    """Steps whose checkpoint is complete (orbax writes to a temp dir, then renames, or on
+    an object store writes a commit marker last)."""
     root = checkpoint_dir(workdir)
-    if not os.path.isdir(root):
-        return []
     steps = []
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.isdigit() and os.path.isdir(path) and _is_finalized(path):
+    for name in paths.listdir(root):
+        if name.isdigit() and _is_finalized(posixpath.join(root, name)):
             steps.append(int(name))
     return sorted(steps)
 
 
 def _is_finalized(path: str) -> bool:
     try:
-        return ocp.utils.is_checkpoint_finalized(path)
+        return paths.is_dir(path) and ocp.utils.is_checkpoint_finalized(path)
     except Exception:  # an unreadable directory is not a finished checkpoint
         return False
 
@@ -94,15 +98,16 @@ def save_params(workdir: str, params: Any, config: ConfigDict, *, step: int = 0,
         params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(meta)), force=True)
     mgr.wait_until_finished()
     mgr.close()
-    return os.path.join(checkpoint_dir(workdir), str(step))
+    return step_dir(workdir, step)
 
 
 def resolve(path: str, step: int | str | None = None) -> tuple[str, int]:
-    """Accepts WORKDIR or WORKDIR/checkpoints/STEP; returns (workdir, step)."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) == CHECKPOINTS and os.path.basename(path).isdigit():
-        return os.path.dirname(parent), int(os.path.basename(path))
+    """Accepts WORKDIR or WORKDIR/checkpoints/STEP (relative, absolute or a URI); returns
+    (workdir, step) with the workdir absolute (or the URI)."""
+    resolved = paths.resolve(path)
+    if resolved.parent.name == CHECKPOINTS and resolved.name.isdigit():
+        return os.fspath(resolved.parent.parent), int(resolved.name)
+    path = os.fspath(resolved)
     steps = finalized_steps(path)
     if not steps:
         raise ClipjaxError(f"{path}: no finalized checkpoint under {CHECKPOINTS}/")
@@ -129,7 +134,7 @@ def item_metadata(workdir: str, step: int, item: str) -> Any:
     Read from the item's own directory: a CheckpointManager's view of it is None
     for a checkpoint that another (multi-process) run wrote.
     """
-    path = os.path.join(checkpoint_dir(workdir), str(step), item)
+    path = posixpath.join(step_dir(workdir, step), item)
     return ocp.StandardCheckpointer().metadata(path).item_metadata
 
 

@@ -1,6 +1,13 @@
 """Training metrics: WORKDIR/metrics.jsonl, TensorBoard scalars, a progress bar, and MFU.
 
-Only process 0 writes. MFU = model FLOPs per second over the devices' peak.
+Only process 0 writes. The file contract: one JSON object per logged step, readable
+while the run goes. On a local disk that is one appended file, `metrics.jsonl`. An
+object store (`gs://`) cannot append, so there the rows go to numbered part files
+`metrics-00000.jsonl`, `metrics-00001.jsonl`, … of at most PART_ROWS rows each, the
+last one rewritten whole at every logged step (an upload stays bounded however long
+the run); `read(workdir)` joins them, in either layout.
+
+MFU = model FLOPs per second over the devices' peak.
 Model FLOPs are counted analytically from the architecture
 (`clipjax.models.flops`: 3 × forward for a trained tower, recomputation such
 as GradCache's extra forward or remat not counted); the peak is
@@ -12,7 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import posixpath
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -22,7 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipjax import paths
+
 METRICS_FILE = "metrics.jsonl"
+PART_ROWS = 500
+_PART = re.compile(r"^metrics-(\d{5})\.jsonl$")
 TB_DIR = "tb"
 
 
@@ -79,28 +91,36 @@ def _scalar(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard + tqdm (on a terminal), all from process 0 only.
+    """metrics.jsonl (or its parts) + TensorBoard + tqdm (on a terminal), from process 0.
 
-    `start_step` > 0 (a resumed run) drops jsonl lines past it and purges
-    TensorBoard events past it, so each file holds one consistent history.
+    `start_step` > 0 (a resumed run) drops rows past it and purges TensorBoard events
+    past it, so each holds one consistent history.
     """
 
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                  enabled: bool | None = None, progress: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.workdir = paths.to_str(workdir)
+        self.remote = paths.is_remote(self.workdir)
+        self.path = posixpath.join(self.workdir, METRICS_FILE)
         self._tb = None
         self._bar = None
+        self._file = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        truncate_after(self.path, start_step)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        paths.makedirs(self.workdir)
+        truncate_after(self.workdir, start_step)
+        if self.remote:
+            parts = _parts(self.workdir)
+            self._part = len(parts) - 1 if parts else 0
+            self._rows = _read_lines(_part_path(self.workdir, self._part)) if parts else []
+        else:
+            self._file = paths.open(self.path, "a")  # closed in close()
         try:
-            from tensorboardX import SummaryWriter
+            from clipjax.tensorboard import summary_writer
 
-            self._tb = SummaryWriter(os.path.join(workdir, TB_DIR),
-                                     purge_step=start_step if start_step else None)
+            self._tb = summary_writer(posixpath.join(self.workdir, TB_DIR),
+                                      purge_step=start_step)
         except ImportError:  # TensorBoard is optional; the jsonl is the record
             self._tb = None
         if progress is None:
@@ -115,8 +135,15 @@ class MetricsWriter:
         row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
         if not self.enabled:
             return row
-        self._file.write(json.dumps(row, allow_nan=True) + "\n")
-        self._file.flush()
+        line = json.dumps(row, allow_nan=True) + "\n"
+        if self.remote:
+            if len(self._rows) >= PART_ROWS:
+                self._part, self._rows = self._part + 1, []
+            self._rows.append(line)
+            paths.write_text(_part_path(self.workdir, self._part), "".join(self._rows))
+        else:
+            self._file.write(line)
+            self._file.flush()
         if self._tb is not None:
             for k, v in row.items():
                 if (k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
@@ -135,19 +162,37 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
 
 
-def truncate_after(path: str, step: int) -> None:
-    """Drops the lines of a metrics.jsonl whose step is past `step` (they will be redone)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+def _part_path(workdir: str, index: int) -> str:
+    return posixpath.join(workdir, f"metrics-{index:05d}.jsonl")
+
+
+def _parts(workdir: str) -> list[int]:
+    return sorted(int(m.group(1)) for n in paths.listdir(workdir) if (m := _PART.match(n)))
+
+
+def _read_lines(path: str) -> list[str]:
+    return paths.read_text(path).splitlines(keepends=True)
+
+
+def _files(workdir: str) -> list[str]:
+    """The metrics files of a workdir, in row order (either layout)."""
+    workdir = paths.to_str(workdir)
+    out = [_part_path(workdir, i) for i in _parts(workdir)]
+    single = posixpath.join(workdir, METRICS_FILE)
+    if paths.exists(single):
+        out.insert(0, single)
+    return out
+
+
+def _keep_until(lines: list[str], step: int) -> list[str]:
     keep = []
     for line in lines:
         try:
@@ -155,14 +200,25 @@ def truncate_after(path: str, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):  # a torn last line from a killed run
             continue
-    if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+    return keep
+
+
+def truncate_after(workdir: str, step: int) -> None:
+    """Drops the rows whose step is past `step` (they will be redone)."""
+    for path in _files(workdir):
+        lines = _read_lines(path)
+        keep = _keep_until(lines, step)
+        if len(keep) == len(lines):
+            continue
+        if not keep and _PART.match(posixpath.basename(path)):
+            paths.resolve(path).unlink()
+        else:
+            paths.write_text(path, "".join(keep))
 
 
 def read(workdir: str) -> list[dict[str, Any]]:
-    """The rows of WORKDIR/metrics.jsonl."""
-    with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a workdir's metrics (metrics.jsonl, or its parts on an object store)."""
+    rows = []
+    for path in _files(workdir):
+        rows.extend(json.loads(line) for line in _read_lines(path) if line.strip())
+    return rows

@@ -18,10 +18,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from clipjax import checkpoint, metrics, sharding
+from clipjax import checkpoint, metrics, paths, sharding
 from clipjax.errors import ClipjaxError
 from clipjax.train import program as program_lib
-from clipjax.train import warmstart
+from clipjax.train import run_config, warmstart
 from clipjax.train.checkpointing import Checkpointer
 
 log = logging.getLogger("clipjax.train")
@@ -85,8 +85,20 @@ def _flops(config: ConfigDict, program) -> float:
         return math.nan
 
 
+def _resume_changes(config: ConfigDict, workdir: str) -> dict[str, tuple] | None:
+    """The config changes of a resume (refusing those that may not change); None when
+    the workdir holds no run to resume."""
+    if not checkpoint.finalized_steps(workdir) or not paths.exists(
+            paths.join(workdir, checkpoint.CONFIG_FILE)):
+        return None
+    return run_config.check_resume(checkpoint.read_config(workdir), config, workdir)
+
+
 def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> int:
     """Runs (or resumes) training in `workdir`; returns the process exit status."""
+    workdir = paths.to_str(workdir)  # a relative workdir means where the process started
+    changed = _resume_changes(config, workdir)  # before anything compiles or is read
+
     # ---- mesh and program
     mesh = sharding.make_mesh(config.mesh)
     program = program_lib.build(config, mesh)
@@ -96,16 +108,20 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
     # ---- input (this process's shard)
     from clipjax.data.pipeline import build_train_pipeline
 
-    pipeline = build_train_pipeline(config, process_index=jax.process_index(),
+    def input_pipeline():
+        return build_train_pipeline(config, process_index=jax.process_index(),
                                     process_count=jax.process_count())
+
+    pipeline = input_pipeline()
 
     # ---- state: resume from the newest good checkpoint, else fresh (or warm-started)
     ckpt = Checkpointer(workdir, keep=int(config.train.keep),
                         keep_every=int(config.train.keep_every))
     state = ckpt.restore_latest(program.abstract_state, pipeline)
-    if jax.process_index() == 0:  # after the restore: a refused resume keeps the old config
-        checkpoint.write_config(workdir, config)
     if state is None:
+        if ckpt.discarded:  # a failed restore may have moved the iterator: start it anew
+            pipeline.close()
+            pipeline = input_pipeline()
         state = _initial_state(program, config)
         start = 0
     else:
@@ -116,6 +132,11 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
         print(f"clipjax train: {workdir} is already at step {start} of {total}", flush=True)
         ckpt.close()
         return 0
+    # config.json describes the run trained here: written only now that this config trains.
+    if jax.process_index() == 0:
+        if start > 0 and changed:
+            run_config.record(workdir, start, changed)
+        checkpoint.write_config(workdir, config)
 
     # ---- compile ahead of the loop, so step times exclude it
     t0 = time.perf_counter()
