@@ -187,7 +187,7 @@ def test_corrupt_latest_checkpoint_falls_back(ckpt_dir, tmp_path, caplog):
         state = Checkpointer(workdir, keep=5, keep_every=0).restore_latest(
             program.abstract_state, build_train_pipeline(config))
     assert int(state.step) == 2
-    assert "does not restore" in caplog.text
+    assert "is corrupt" in caplog.text
     assert checkpoint.finalized_steps(workdir) == [1, 2]
     assert os.path.isdir(os.path.join(checkpoint.checkpoint_dir(workdir), "3.corrupt-0"))
 
