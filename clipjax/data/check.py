@@ -3,11 +3,10 @@ decode, crop and tokenizer, and report what would be skipped, before renting a p
 
 from __future__ import annotations
 
-import os
-
 from ml_collections import ConfigDict
 
 from clipjax import config as config_lib
+from clipjax import paths
 from clipjax.data import pipeline
 
 MAX_FIRST_BAD = 20
@@ -30,12 +29,22 @@ def check_config(target: str, *, tokenizer: str = "clip_bpe", tokenizer_path: st
         c.model.image.patch_size = int(image_size)  # no model is built; keep validation happy
     if max_image_pixels is not None:
         c.data.max_image_pixels = int(max_image_pixels)
-    if os.path.isdir(target):
+    if _is_folder(target):
         c.data.train.source, c.data.train.path = "folder", target
     else:
         c.data.train.source, c.data.train.urls = "webdataset", target
     c.data.batch_size = 64
     return config_lib.validate(c)
+
+
+def _is_folder(target: str) -> bool:
+    """A directory (local or gs://) rather than shard URLs (a brace pattern, a '::' list)."""
+    if "::" in target or "{" in target or target.endswith(".tar"):
+        return False
+    try:
+        return paths.is_dir(target)
+    except Exception:  # noqa: BLE001 - not a path this layer knows: treat as shard URLs
+        return False
 
 
 def run_check(config: ConfigDict, *, workers: int = 0) -> dict:

@@ -9,14 +9,15 @@ Samples that fail to decode are skipped and counted, as the pipeline would.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.data import decode
 from clipjax.data import sources as sources_lib
 from clipjax.data.webdataset import SIZES_FILE
@@ -34,12 +35,14 @@ class ShardWriter:
             raise ClipjaxError(f"--shard-size must be positive; got {shard_size}")
         if image_format not in ("jpg", "png"):
             raise ClipjaxError(f"image format must be jpg or png; got {image_format!r}")
-        os.makedirs(out_dir, exist_ok=True)
-        self.out_dir, self.shard_size = out_dir, int(shard_size)
+        out_dir = paths.canonical(out_dir)  # local, relative or a bucket (gs://)
+        paths.makedirs_url(out_dir)
+        self.out_dir, self.shard_size = out_dir.rstrip("/"), int(shard_size)
         self.image_format, self.quality = image_format, int(quality)
         self.sizes: dict[str, int] = {}
         self.count = 0
         self._tar: tarfile.TarFile | None = None
+        self._writer = None  # the atomic_writer context of the open shard
         self._name = ""
 
     def _member(self, name: str, data: bytes) -> None:
@@ -52,17 +55,28 @@ class ShardWriter:
             return
         self._finish_shard()
         self._name = f"{len(self.sizes):05d}.tar"
-        self._tar = tarfile.open(os.path.join(self.out_dir, self._name + ".tmp"), "w",
+        # The shard appears whole when finished (tmp + rename locally, one object on a
+        # bucket), so a crashed conversion never leaves a half shard under its name.
+        self._writer = paths.atomic_writer(f"{self.out_dir}/{self._name}")
+        self._tar = tarfile.open(fileobj=self._writer.__enter__(), mode="w",
                                  format=tarfile.USTAR_FORMAT)
         self.sizes[self._name] = 0
 
     def _finish_shard(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()
-        path = os.path.join(self.out_dir, self._name)
-        os.replace(path + ".tmp", path)
-        self._tar = None
+        self._tar.close()  # writes the end-of-archive blocks; leaves the file open
+        writer, self._writer, self._tar = self._writer, None, None
+        writer.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Drops the shard being written (nothing appears under its name)."""
+        if self._tar is None:
+            return
+        writer, self._writer, self._tar = self._writer, None, None
+        error = ClipjaxError("conversion aborted")
+        with contextlib.suppress(ClipjaxError):
+            writer.__exit__(ClipjaxError, error, None)  # removes the tmp / discards the upload
 
     def encode(self, image) -> tuple[bytes, str]:
         """(bytes, ext): encoded originals pass through; arrays and other formats are encoded."""
@@ -96,9 +110,9 @@ class ShardWriter:
 
     def close(self) -> list[str]:
         self._finish_shard()
-        with open(os.path.join(self.out_dir, SIZES_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.sizes, f, indent=1)
-        return [os.path.join(self.out_dir, n) for n in self.sizes]
+        paths.write_bytes_to(f"{self.out_dir}/{SIZES_FILE}",
+                             json.dumps(self.sizes, indent=1).encode("utf-8"))
+        return [f"{self.out_dir}/{n}" for n in self.sizes]
 
 
 def source_for(kind: str, inp: str, *, split: str = "train", data_dir: str = "",
@@ -129,6 +143,16 @@ def convert(records: Iterable[dict], writer: ShardWriter, *, seed: int = 0,
     """Writes records through `writer`; returns {"samples", "skipped", "shards"}."""
     rng = np.random.default_rng(seed)
     skipped: dict[str, int] = {}
+    try:
+        _write_all(records, writer, rng, skipped, limit, max_pixels, classnames)
+    except BaseException:
+        writer.abort()
+        raise
+    shards = writer.close()
+    return {"samples": writer.count, "skipped": skipped, "shards": len(shards)}
+
+
+def _write_all(records, writer, rng, skipped, limit, max_pixels, classnames) -> None:
     for rec in records:
         if limit and writer.count >= limit:
             break
@@ -147,8 +171,6 @@ def convert(records: Iterable[dict], writer: ShardWriter, *, seed: int = 0,
             writer.write(image, caption, meta)
         except decode.BadSample as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
-    shards = writer.close()
-    return {"samples": writer.count, "skipped": skipped, "shards": len(shards)}
 
 
 def convert_source(kind: str, inp: str, out_dir: str, shard_size: int, *, seed: int = 0,
@@ -161,6 +183,6 @@ def convert_source(kind: str, inp: str, out_dir: str, shard_size: int, *, seed: 
                      classnames=names)
     if report["samples"] == 0:
         raise ClipjaxError(f"{inp}: no sample could be converted ({report['skipped']})")
-    report["out"] = out_dir
+    report["out"] = writer.out_dir
     return report
 

@@ -4,13 +4,17 @@
 
     root/cat/001.jpg, root/dog/002.png        -> classes ('cat', 'dog'), labels per file
     root/a.jpg + root/a.txt, root/sub/b.png   -> captioned images (recursive)
+
+`root` may be local, relative or on a bucket (gs://); `files` are '/'-separated paths
+relative to it.
 """
 
 from __future__ import annotations
 
-import os
+import posixpath
 from dataclasses import dataclass
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -35,44 +39,57 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
 
 
-def _walk_images(root: str) -> list[str]:
-    out = []
-    for d, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        out.extend(os.path.relpath(os.path.join(d, f), root) for f in sorted(files)
-                   if _is_image(f))
-    return out
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/")[:-1])
 
 
 def scan_folder(root: str, kind: str = "auto") -> FolderListing:
-    """Lists a folder as classes or captioned images (kind 'auto' decides from .txt files)."""
-    if not os.path.isdir(root):
+    """Lists a folder as classes or captioned images (kind 'auto' decides from .txt files).
+
+    `root` may be local, relative or remote (gs://): one recursive listing either way.
+    """
+    root = paths.canonical(root)
+    listed = _list(root)
+    if listed is None:
         raise ClipjaxError(f"image folder not found: {root}")
-    images = _walk_images(root)
+    files = [f for f in listed if not _hidden(f)]
+    images = [f for f in files if _is_image(f.rsplit("/", 1)[-1])]
     if not images:
         raise ClipjaxError(f"{root}: no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-    txts = [os.path.splitext(os.path.join(root, p))[0] + ".txt" for p in images]
-    has_txt = [os.path.isfile(t) for t in txts]
+    present = set(files)
+    txts = [posixpath.splitext(p)[0] + ".txt" for p in images]
+    has_txt = [t in present for t in txts]
     if kind == "auto":
         kind = "captions" if any(has_txt) else "classes"
     if kind == "captions":
         return FolderListing(root, "captions", images, [], [],
-                             [t if ok else None for t, ok in zip(txts, has_txt)])
+                             [f"{root}/{t}" if ok else None for t, ok in zip(txts, has_txt)])
     if kind != "classes":
         raise ClipjaxError(f"folder kind must be auto, classes or captions; got {kind!r}")
-    in_class = [p for p in images if os.sep in p]
+    in_class = [p for p in images if "/" in p]
     if not in_class:
         raise ClipjaxError(
             f"{root}: images have neither .txt captions nor class sub-folders")
-    classnames = sorted({p.split(os.sep, 1)[0] for p in in_class})
+    classnames = sorted({p.split("/", 1)[0] for p in in_class})
     index = {c: i for i, c in enumerate(classnames)}
-    labels = [index[p.split(os.sep, 1)[0]] for p in in_class]
+    labels = [index[p.split("/", 1)[0]] for p in in_class]
     return FolderListing(root, "classes", in_class, labels, classnames, [])
+
+
+def _list(root: str) -> list[str] | None:
+    """Every file under `root`, or None when it is not a directory (a prefix without
+    objects, remotely)."""
+    if not paths.is_remote(root) and not paths.is_dir(root):
+        return None
+    try:
+        files = paths.list_files(root)
+    except FileNotFoundError:
+        return None
+    return files if files or not paths.is_remote(root) else None
 
 
 def read_bytes(path: str) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return paths.read_bytes_or_none(path)
     except OSError:
         return None

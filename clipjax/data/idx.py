@@ -7,10 +7,10 @@ array; `load_split(directory, split)` returns images and labels.
 from __future__ import annotations
 
 import gzip
-import os
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 # Debian's `dataset-fashion-mnist` package installs the files here.
@@ -43,12 +43,12 @@ def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Reads `path` (or `path.gz`) into a native-endian numpy array."""
-    if not os.path.exists(path) and os.path.exists(path + ".gz"):
+    """Reads `path` (or `path.gz`; local or remote) into a native-endian numpy array."""
+    path = paths.canonical(path)
+    if not paths.exists(path) and paths.exists(path + ".gz"):
         path += ".gz"
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = paths.read_bytes(path)
     except OSError as e:
         raise ClipjaxError(f"cannot read IDX file {path}: {e.strerror or e}") from None
     if raw[:2] == b"\x1f\x8b":
@@ -64,16 +64,18 @@ def split_files(directory: str, split: str) -> tuple[str, str]:
     if split not in _PREFIX:
         raise ClipjaxError(f"IDX split must be 'train' or 'test'; got {split!r}")
     prefix = _PREFIX[split]
-    paths = []
+    directory = paths.canonical(directory)
+    present = set(paths.dir_identities(directory))  # one listing, also on a bucket
+    found = []
     for kind, nd in (("images", 3), ("labels", 1)):
-        base = os.path.join(directory, f"{prefix}-{kind}-idx{nd}-ubyte")
-        for cand in (base, base + ".gz", f"{prefix}-{kind}.idx{nd}-ubyte"):
-            if os.path.exists(cand):
-                paths.append(cand)
+        name = f"{prefix}-{kind}-idx{nd}-ubyte"
+        for cand in (name, name + ".gz", f"{prefix}-{kind}.idx{nd}-ubyte"):
+            if cand in present:
+                found.append(f"{directory.rstrip('/')}/{cand}")
                 break
         else:
-            raise ClipjaxError(f"{directory}: no {os.path.basename(base)}[.gz] for split {split!r}")
-    return paths[0], paths[1]
+            raise ClipjaxError(f"{directory}: no {name}[.gz] for split {split!r}")
+    return found[0], found[1]
 
 
 def load_split(directory: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +90,7 @@ def load_split(directory: str, split: str = "train") -> tuple[np.ndarray, np.nda
 
 def default_classes(directory: str) -> tuple[str, ...]:
     """Fashion-MNIST names when the directory says so, digits otherwise."""
-    fashion = "fashion" in os.path.abspath(directory).lower()
+    fashion = "fashion" in paths.canonical(directory).lower()
     return FASHION_MNIST_CLASSES if fashion else MNIST_CLASSES
 
 
@@ -99,6 +101,4 @@ def write_idx(path: str, array: np.ndarray) -> None:
     code = codes[arr.dtype.newbyteorder("=")]
     header = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
     raw = header + arr.astype(np.dtype(_DTYPES[code])).tobytes()
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(raw)
+    paths.write_bytes_to(path, gzip.compress(raw) if path.endswith(".gz") else raw)

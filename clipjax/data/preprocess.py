@@ -14,12 +14,14 @@ with its own augmentation: `to_rgb`, `resize_short_side`, `center_crop`,
 from __future__ import annotations
 
 import functools
+import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 _RESAMPLE = {
@@ -58,9 +60,13 @@ def as_pil(image) -> Image.Image:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and decodes an image file; a missing or undecodable file is a ClipjaxError."""
+    """Opens and decodes an image file (local or gs://, through clipjax.paths); a missing
+    or undecodable file is a ClipjaxError."""
     try:
-        with Image.open(path) as im:
+        raw = paths.read_bytes_or_none(path)
+        if raw is None:
+            raise FileNotFoundError(f"no such file: {os.fspath(path)}")
+        with Image.open(io.BytesIO(raw)) as im:
             im.load()
             return im
     except (OSError, Image.DecompressionBombError, ValueError) as e:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import os
+import logging
 import sys
 import threading
 from collections.abc import Sequence
@@ -28,10 +28,13 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
+from clipjax import paths
 from clipjax.data import captions as captions_lib
 from clipjax.data import folder as folder_lib
 from clipjax.data import webdataset as wds
 from clipjax.errors import ClipjaxError, ConfigError
+
+log = logging.getLogger(__name__)
 
 VIRTUAL_SHARD = 1 << 16  # samples per virtual shard of tfds / folder sources
 
@@ -78,10 +81,18 @@ class WebdatasetSource(Source):
 
     def __init__(self, urls, *, cache_dir: str = "", **kw):
         super().__init__(**kw)
-        self.urls = wds.expand_urls(urls)
-        wds.check_urls_exist(self.urls)
-        self.sizes, self.startup_skipped = wds.shard_sizes(self.urls, cache_dir)
-        self.shards = wds.TarShards(self.urls, self.sizes, cache_dir=cache_dir)
+        self.urls = [paths.canonical(u) for u in wds.expand_urls(urls)]
+        cache_dir = paths.canonical(cache_dir) if cache_dir else ""
+        listing = wds.check_urls_exist(self.urls)
+        if not cache_dir and any(paths.is_remote(u) for u in self.urls):
+            log.warning(
+                "webdataset shards on %s without data.index_cache: every process (and "
+                "decode worker) indexes each shard it reads itself, a full pass over the "
+                "shard; set data.index_cache to a shared directory (gs://...) to index "
+                "each shard once", paths.protocol(self.urls[0]) + "://")
+        self.sizes, self.startup_skipped = wds.shard_sizes(self.urls, cache_dir, listing)
+        self.shards = wds.TarShards(self.urls, self.sizes, cache_dir=cache_dir,
+                                    identities=[listing.identity(u) for u in self.urls])
 
     def read(self, shard, i):
         r = self.shards.read(shard, i)
@@ -101,7 +112,7 @@ class FolderSource(Source):
     def read(self, shard, i):
         j = shard * VIRTUAL_SHARD + i
         lst = self.listing
-        image = folder_lib.read_bytes(os.path.join(lst.root, lst.files[j]))
+        image = folder_lib.read_bytes(f"{lst.root}/{lst.files[j]}")
         label = None
         if lst.kind == "classes":
             label = lst.labels[j]
@@ -139,7 +150,10 @@ class TfdsSource(Source):
                  image_key: str = "image", caption_key: str = "caption",
                  label_key: str = "label", templates=(), **kw):
         super().__init__(**kw)
-        self.spec = dict(name=name, split=split, data_dir=data_dir or None, image_key=image_key)
+        # data_dir goes to tfds as a string: gs:// as given (tfds reads it through its own
+        # epath/gfile layer), a local one made absolute (workers may start elsewhere).
+        data_dir = paths.canonical(data_dir) if data_dir else None
+        self.spec = dict(name=name, split=split, data_dir=data_dir, image_key=image_key)
         self.caption_key, self.label_key = caption_key, label_key
         ds = self._source()
         self.__dict__["_ds"] = ds

@@ -2,9 +2,22 @@
 
 A shard holds samples as consecutive members `KEY.jpg` + `KEY.txt` (+ `KEY.json`).
 Streaming readers cannot reshuffle inside a shard or resume mid-shard, so each
-shard is indexed once (member offsets from the tar headers, optionally cached on
-disk) and samples are then read lazily with positioned reads. That gives grain
-the random access it needs for deterministic order and exact resume.
+shard is indexed once (member offsets from the tar headers) and samples are then
+read lazily with positioned reads. That gives grain the random access it needs for
+deterministic order and exact resume.
+
+Every path goes through `clipjax.paths`, so shards, `sizes.json` and the index cache
+may be local, relative or remote (`gs://`, any fsspec protocol). On a bucket:
+
+* start-up costs one LIST per shard directory (existence, size and generation of
+  every shard) and one GET of `sizes.json` when it is there; without it each shard is
+  indexed at start-up to count its samples;
+* an index is one pass over the shard's headers (16 MiB requests); with
+  `data.index_cache` set (a local or gs:// directory) the first process that needs a
+  shard's index writes it there (`<sha1 of url|size|generation>.json`) and every other
+  process, worker, host and restart reads it back with one small GET;
+* a sample is one ranged GET of exactly the bytes of its members (they lie next to
+  each other in the tar), never a readahead block.
 
 Reusable pieces: `expand_urls` (brace patterns, '::' lists), `index_shard`,
 `TarShards` (random access over many shards), `iter_shard` (sequential reading).
@@ -17,13 +30,14 @@ import hashlib
 import itertools
 import json
 import logging
-import os
+import posixpath
 import re
 import tarfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 log = logging.getLogger(__name__)
@@ -69,81 +83,52 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
+def _dirname(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
 
 
-def _local(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+def _basename(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
 
 
-def _fs(url: str):
-    try:
-        import fsspec
-    except ImportError as e:  # pragma: no cover - fsspec ships with the dependencies
-        raise ClipjaxError(f"{url}: remote paths need fsspec") from e
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        raise ClipjaxError(f"{url}: cannot open this URL scheme: {e}") from e
-    return fs, path
+class Listing:
+    """What the shard directories hold, `{name: (size, token)}` per directory: one
+    listing per directory (remotely one LIST, not a request per shard). A directory
+    that cannot be listed (permissions, flaky network) is probed file by file."""
 
+    def __init__(self, urls: Sequence[str]):
+        self.dirs: dict[str, dict[str, tuple[int, str]] | None] = {}
+        for d in sorted({_dirname(u) for u in urls}):
+            try:
+                self.dirs[d] = paths.dir_identities(d)
+            except Exception as e:  # noqa: BLE001 - any listing trouble: ask per file
+                log.warning("cannot list %s (%s); checking shards one by one", d, e)
+                self.dirs[d] = None
 
-def url_exists(url: str) -> bool:
-    if not is_remote(url):
-        return os.path.isfile(_local(url))
-    fs, path = _fs(url)
-    try:
-        return bool(fs.isfile(path))
-    except Exception:  # network or permission trouble: let the reader count it
-        return True
-
-
-def file_size(url: str) -> int:
-    if not is_remote(url):
-        return os.path.getsize(_local(url))
-    fs, path = _fs(url)
-    return int(fs.size(path))
-
-
-def _read_small(url: str) -> bytes | None:
-    try:
-        if not is_remote(url):
-            with open(_local(url), "rb") as f:
-                return f.read()
-        fs, path = _fs(url)
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except (OSError, ClipjaxError):
-        return None
-
-
-def _remote_listing(urls: Sequence[str]) -> set[str]:
-    """Existing remote shards, one listing per directory instead of one request per shard."""
-    found: set[str] = set()
-    by_dir = collections.defaultdict(list)
-    for u in urls:
-        by_dir[u.rsplit("/", 1)[0]].append(u)
-    for d, members in by_dir.items():
-        fs, path = _fs(d)
+    def identity(self, url: str) -> tuple[int, str] | None:
+        """(size, token) of a file in a listed directory; None if it does not exist."""
+        names = self.dirs.get(_dirname(url))
+        if names is not None:
+            return names.get(_basename(url))
         try:
-            names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+            return paths.identity(url)
         except FileNotFoundError:
-            continue
-        except Exception:  # cannot list (permissions, flaky network): ask per shard
-            found.update(u for u in members if url_exists(u))
-            continue
-        found.update(u for u in members if u.rsplit("/", 1)[-1] in names)
-    return found
+            return None
+        except Exception:  # noqa: BLE001 - cannot tell: let the reader find out and count it
+            return (-1, "")
+
+    def has(self, url: str) -> bool:
+        return self.identity(url) is not None
 
 
-def check_urls_exist(urls: Sequence[str]) -> None:
-    """Fails at start-up, naming the first missing shard."""
-    remote = _remote_listing([u for u in urls if is_remote(u)])
-    missing = [u for u in urls if (u not in remote if is_remote(u) else not url_exists(u))]
+def check_urls_exist(urls: Sequence[str], listing: Listing | None = None) -> Listing:
+    """Fails at start-up, naming the first missing shard; returns the listing it used."""
+    listing = listing or Listing(urls)
+    missing = [u for u in urls if not listing.has(u)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ClipjaxError(f"webdataset shard not found: {missing[0]}{more}")
+    return listing
 
 
 # --------------------------------------------------------------------------- index
@@ -160,9 +145,9 @@ class Sample:
 
 def _split_name(name: str) -> tuple[str, str]:
     """webdataset convention: the key is the path up to the first dot of the basename."""
-    d, base = os.path.split(name)
+    d, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
-    return os.path.join(d, stem) if d else stem, ext.lower()
+    return posixpath.join(d, stem) if d else stem, ext.lower()
 
 
 def index_tarfile(fileobj, size: int) -> tuple[list[Sample], bool]:
@@ -195,78 +180,100 @@ def index_tarfile(fileobj, size: int) -> tuple[list[Sample], bool]:
     return samples, truncated
 
 
-def _cache_path(cache_dir: str, url: str, size: int, mtime: int) -> str:
-    h = hashlib.sha1(f"{url}|{size}|{mtime}".encode()).hexdigest()[:20]
-    return os.path.join(cache_dir, f"{h}.json")
+def _cache_path(cache_dir: str, url: str, size: int, token: str) -> str:
+    """The index cache object of one version of one shard (changes when the shard does)."""
+    h = hashlib.sha1(f"{url}|{size}|{token}".encode()).hexdigest()[:20]
+    return f"{cache_dir.rstrip('/')}/{h}.json"
 
 
-def _mtime(url: str) -> int:
-    if is_remote(url):
-        return 0
-    return os.stat(_local(url)).st_mtime_ns
+def _read_cached_index(cache: str) -> list[Sample] | None:
+    try:
+        raw = paths.read_bytes_or_none(cache)
+        if raw is None:
+            return None
+        rows = json.loads(raw)
+        return [Sample(k, {e: tuple(v) for e, v in m.items()}, t) for k, m, t in rows]
+    except (OSError, ValueError, TypeError):
+        return None  # a broken (or unreadable) cache entry is rebuilt
 
 
-def index_shard(url: str, cache_dir: str = "") -> list[Sample]:
-    """The sample index of one shard; cached as JSON under `cache_dir` when given.
+def index_shard(url: str, cache_dir: str = "", identity: tuple[int, str] | None = None
+                ) -> list[Sample]:
+    """The sample index of one shard; cached as JSON under `cache_dir` (local or remote)
+    when given, so the first process that needs it builds it and every other process,
+    host and restart reads it back (one small GET).
 
+    `identity` is the shard's (size, token) when the caller listed it already.
     Raises OSError / tarfile.ReadError when the shard cannot be read.
     """
-    size = file_size(url)
-    cache = _cache_path(cache_dir, url, size, _mtime(url)) if cache_dir else ""
-    if cache and os.path.exists(cache):
-        try:
-            with open(cache, encoding="utf-8") as f:
-                rows = json.load(f)
-            return [Sample(k, {e: tuple(v) for e, v in m.items()}, t) for k, m, t in rows]
-        except (OSError, ValueError, TypeError):
-            pass  # a broken cache entry is rebuilt
-    if is_remote(url):
-        fs, path = _fs(url)
-        with fs.open(path, "rb") as f:
-            samples, _ = index_tarfile(f, size)
-    else:
-        with open(_local(url), "rb") as f:
-            samples, _ = index_tarfile(f, size)
+    url = paths.canonical(url)
+    size, token = identity if identity and identity[0] >= 0 else paths.identity(url)
+    cache = _cache_path(paths.canonical(cache_dir), url, size, token) if cache_dir else ""
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump([[s.key, s.members, s.truncated] for s in samples], f)
-        os.replace(tmp, cache)
+        cached = _read_cached_index(cache)
+        if cached is not None:
+            return cached
+    # One front-to-back pass over the headers; remotely in 16 MiB requests.
+    with paths.open_sequential(url) as f:
+        samples, _ = index_tarfile(f, size)
+    if cache:
+        rows = json.dumps([[s.key, s.members, s.truncated] for s in samples]).encode()
+        try:
+            paths.write_bytes_to(cache, rows)  # whole or not at all: racing writers agree
+        except Exception as e:  # noqa: BLE001 - a read-only cache still reads shards
+            log.warning("cannot write the shard index cache %s: %s", cache, e)
     return samples
 
 
-def known_sizes(urls: Sequence[str]) -> dict[str, int]:
-    """Sample counts that writers recorded: `sizes.json` next to the shards, or
-    img2dataset's `NNNNN_stats.json` ("successes"). Missing entries are absent."""
+def known_sizes(urls: Sequence[str], listing: Listing | None = None) -> dict[str, int]:
+    """Sample counts that writers recorded: `sizes.json` next to the shards (one small
+    read per directory, none when the listing shows no such file). Missing -> absent."""
     out: dict[str, int] = {}
     by_dir = collections.defaultdict(list)
     for u in urls:
-        by_dir[u.rsplit("/", 1)[0] if "/" in u else "."].append(u)
+        by_dir[_dirname(u)].append(u)
     for d, members in by_dir.items():
-        raw = _read_small(f"{d}/{SIZES_FILE}")
+        name = f"{d}/{SIZES_FILE}"
+        if listing is not None and not listing.has(name):
+            continue
+        raw = _read_small(name)
         table = {}
         if raw is not None:
             try:
                 table = {str(k): int(v) for k, v in json.loads(raw).items()}
             except (ValueError, TypeError, AttributeError):
-                log.warning("%s/%s is not a {shard: count} table; ignoring it", d, SIZES_FILE)
+                log.warning("%s is not a {shard: count} table; ignoring it", name)
         for u in members:
-            base = u.rsplit("/", 1)[-1]
+            base = _basename(u)
             if base in table:
                 out[u] = table[base]
     return out
 
 
-def shard_sizes(urls: Sequence[str], cache_dir: str = "") -> tuple[list[int], dict[str, int]]:
-    """Per-shard sample counts, plus start-up skips (unreadable shards count as 1 each)."""
-    recorded = known_sizes(urls)
+def _read_small(url: str) -> bytes | None:
+    try:
+        return paths.read_bytes_or_none(url)
+    except (OSError, ClipjaxError):
+        return None
+
+
+def shard_sizes(urls: Sequence[str], cache_dir: str = "", listing: Listing | None = None
+                ) -> tuple[list[int], dict[str, int]]:
+    """Per-shard sample counts, plus start-up skips (unreadable shards count as 1 each).
+
+    From `sizes.json`, else img2dataset's `NNNNN_stats.json` ("successes"), else by
+    indexing the shard (cached under `cache_dir`).
+    """
+    recorded = known_sizes(urls, listing)
     sizes, skipped = [], {}
     for u in urls:
         if u in recorded:
             sizes.append(recorded[u])
             continue
-        stats = _read_small(re.sub(r"\.tar$", "_stats.json", u)) if u.endswith(".tar") else None
+        stats_url = re.sub(r"\.tar$", "_stats.json", u) if u.endswith(".tar") else ""
+        stats = None
+        if stats_url and (listing is None or listing.has(stats_url)):
+            stats = _read_small(stats_url)
         if stats is not None:
             try:
                 sizes.append(int(json.loads(stats)["successes"]))
@@ -274,7 +281,8 @@ def shard_sizes(urls: Sequence[str], cache_dir: str = "") -> tuple[list[int], di
             except (ValueError, KeyError, TypeError):
                 pass
         try:
-            sizes.append(len(index_shard(u, cache_dir)))
+            ident = listing.identity(u) if listing is not None else None
+            sizes.append(len(index_shard(u, cache_dir, ident)))
         except (OSError, tarfile.TarError, EOFError) as e:
             log.warning("skipping unreadable shard %s: %s", u, e)
             skipped["unreadable_shard"] = skipped.get("unreadable_shard", 0) + 1
@@ -285,36 +293,41 @@ def shard_sizes(urls: Sequence[str], cache_dir: str = "") -> tuple[list[int], di
 # --------------------------------------------------------------------------- reading
 
 
+_WANTED = (*IMAGE_EXTS, TEXT_EXT, JSON_EXT)
+
+
 class _Reader:
-    """An open shard: its index and positioned reads (os.pread locally: thread-safe)."""
+    """An open shard: its index and positioned reads (`paths.RangeReader`: os.pread
+    locally, one ranged GET per read remotely)."""
 
-    def __init__(self, url: str, cache_dir: str):
+    def __init__(self, url: str, cache_dir: str, identity: tuple[int, str] | None = None):
         self.url = url
-        self.samples = index_shard(url, cache_dir)
-        self.size = file_size(url)
-        self._lock = threading.Lock()
-        if is_remote(url):
-            fs, path = _fs(url)
-            self._file = fs.open(path, "rb")
-            self._fd = None
-        else:
-            self._fd = os.open(_local(url), os.O_RDONLY)
-            self._file = None
+        if identity is None or identity[0] < 0:
+            identity = paths.identity(url)
+        self.size = identity[0]
+        self.samples = index_shard(url, cache_dir, identity)
+        self._ranges = paths.open_ranges(url)
 
-    def read(self, offset: int, size: int) -> bytes:
-        if self._fd is not None:
-            return os.pread(self._fd, size, offset)
-        with self._lock:
-            self._file.seek(offset)
-            return self._file.read(size)
+    def read_members(self, sample: Sample) -> tuple[dict[str, bytes], bool]:
+        """The wanted members of one sample with ONE read: tar keeps a sample's members
+        next to each other, so the span from the first to the last is read whole and cut.
+        Returns (members, truncated)."""
+        spans = {e: m for e, m in sample.members.items() if e in _WANTED}
+        if not spans:
+            return {}, sample.truncated
+        lo = min(off for off, _ in spans.values())
+        hi = min(max(off + n for off, n in spans.values()), self.size)
+        data = self._ranges.read(lo, hi - lo) if hi > lo else b""
+        members, truncated = {}, sample.truncated
+        for ext, (off, n) in spans.items():
+            part = data[off - lo:off - lo + n]
+            if len(part) != n:
+                truncated = True
+            members[ext] = part
+        return members, truncated
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._ranges.close()
 
 
 def record_from_members(key: str, members: dict[str, bytes | None], truncated: bool = False,
@@ -338,11 +351,15 @@ class TarShards:
     """
 
     def __init__(self, urls: Sequence[str], sizes: Sequence[int], *, cache_dir: str = "",
-                 max_open: int = 32):
-        self.urls = list(urls)
+                 max_open: int = 32,
+                 identities: Sequence[tuple[int, str] | None] | None = None):
+        self.urls = [paths.canonical(u) for u in urls]
         self.sizes = [int(n) for n in sizes]
-        self.cache_dir = cache_dir
+        self.cache_dir = paths.canonical(cache_dir) if cache_dir else ""
         self.max_open = max_open
+        # (size, token) per shard from the start-up listing: opening a shard then costs
+        # no metadata request (the index cache key needs both).
+        self.identities = list(identities) if identities is not None else [None] * len(urls)
         self._init_cache()
 
     def _init_cache(self):
@@ -365,8 +382,9 @@ class TarShards:
                 self._open.move_to_end(shard)
                 return r
             try:
-                r = _Reader(self.urls[shard], self.cache_dir)
-            except (OSError, tarfile.TarError, EOFError, ClipjaxError) as e:
+                r = _Reader(self.urls[shard], self.cache_dir, self.identities[shard])
+            except Exception as e:  # noqa: BLE001 - OSError, TarError, a remote client's own
+
                 log.warning("unreadable shard %s: %s", self.urls[shard], e)
                 r = e
             self._open[shard] = r
@@ -384,16 +402,9 @@ class TarShards:
         if i >= len(r.samples):  # the recorded count exceeds what the tar holds
             return record_from_members(f"{url}:#{i}", {}, error="truncated_shard")
         s = r.samples[i]
-        members = {}
-        truncated = s.truncated
         try:
-            for ext, (off, size) in s.members.items():
-                if ext in IMAGE_EXTS or ext in (TEXT_EXT, JSON_EXT):
-                    data = r.read(off, size)
-                    if len(data) != size:
-                        truncated = True
-                    members[ext] = data
-        except OSError:
+            members, truncated = r.read_members(s)
+        except Exception:  # noqa: BLE001 - I/O (the remote client retried already): skipped
             return record_from_members(f"{url}:{s.key}", {}, error="read_error")
         return record_from_members(f"{url}:{s.key}", members, truncated)
 
