@@ -10,7 +10,8 @@ __all__ = ["ClipModel", "__version__", "load"]
 
 
 def load(path, **kwargs):
-    """Loads a trained or imported model from a workdir or a checkpoint directory."""
+    """Loads a trained or imported model from a workdir or a checkpoint directory
+    (relative, absolute or a URI such as gs://bucket/run)."""
     from clipjax.inference import load as _load
 
     return _load(path, **kwargs)

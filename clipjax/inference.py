@@ -28,7 +28,9 @@ DEFAULT_BATCH_SIZE = 64
 def load(path: str | os.PathLike, step: int | None = None, **kwargs) -> ClipModel:
     """The model in a workdir (latest or `step`) or in WORKDIR/checkpoints/STEP.
 
-    `kwargs` go to `ClipModel` (e.g. `batch_size`, `devices`).
+    `path` may be relative (to the current directory), absolute or a URI
+    (`gs://bucket/run`); `model.workdir` is the resolved one. `kwargs` go to
+    `ClipModel` (e.g. `batch_size`, `devices`).
     """
     from clipjax import checkpoint
 

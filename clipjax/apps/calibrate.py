@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from clipjax.apps.image_files import find_images
+from clipjax.apps.image_files import find_images, require_local
 from clipjax.errors import ClipjaxError
 
 
@@ -46,6 +46,7 @@ def _key(name: str) -> str:
 def labelled_images(folder: str, labels: list[str]) -> tuple[list[str], list[str | None],
                                                               list[str]]:
     """(paths, true label or None for negatives, names of the negative sub-folders)."""
+    require_local(folder, "labelled image folders")
     if not os.path.isdir(folder):
         raise ClipjaxError(f"{folder}: not a directory")
     by_key = {_key(lab): lab for lab in labels}

@@ -9,12 +9,14 @@ depicts" for its caption benchmarks; `prefix` does the same when wanted.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 W = 2.5
@@ -58,16 +60,19 @@ def score(model, images, texts: Sequence[str], *, w: float = W, prefix: str = ""
 def read_pairs(path: str) -> list[tuple[str, str]]:
     """(image path, text) rows of a TSV file; image paths are relative to the file.
 
-    A first row reading `image<TAB>text` (or prompt/caption) is a header.
+    A first row reading `image<TAB>text` (or prompt/caption) is a header. The file may
+    be remote (`gs://...`); the images it names must be local (absolute paths, or
+    relative to a local file).
     """
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        text = paths.read_text(path)
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t",
+                               quoting=csv.QUOTE_NONE))
     except OSError as e:
         raise ClipjaxError(f"cannot read pairs file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ClipjaxError(f"{path}: not UTF-8 text: {e}") from None
-    base = os.path.dirname(os.path.abspath(path))
+    base = paths.resolve(path).parent
     pairs = []
     for i, row in enumerate(rows, 1):
         if not row or not "".join(row).strip():
@@ -79,7 +84,9 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
         if len(row) < 2 or not row[1].strip():
             raise ClipjaxError(f"{path}:{i}: expected `image<TAB>text`, got {row!r}")
         image = os.path.expanduser(row[0].strip())
-        pairs.append((os.path.join(base, image), "\t".join(row[1:]).strip()))
+        if not (os.path.isabs(image) or paths.is_remote(image)):
+            image = os.fspath(base / image)
+        pairs.append((image, "\t".join(row[1:]).strip()))
     if not pairs:
         raise ClipjaxError(f"{path}: no image/text pairs")
     return pairs

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from clipjax import paths
 from clipjax.apps.image_files import UnreadableImage, open_image
 from clipjax.errors import ClipjaxError
 
@@ -45,7 +47,8 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 def contact_sheet(hits: Sequence, out: str, *, title: str = "", thumb: int = 192,
                   columns: int = 5, pad: int = 8) -> str:
-    """Writes the grid for `hits` (objects with .path and .score) to `out` (PNG)."""
+    """Writes the grid for `hits` (objects with .path and .score) to `out` (PNG; a local
+    path or a URI)."""
     if not hits:
         raise ClipjaxError("no hits to draw in the contact sheet")
     if thumb < 16 or columns < 1:
@@ -69,10 +72,10 @@ def contact_sheet(hits: Sequence, out: str, *, title: str = "", thumb: int = 192
         name = _fit(draw, os.path.basename(hit.path), font, thumb)
         draw.text((x, y + thumb + 2 + line), name, fill=INK, font=font)
     out = os.fspath(out)
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
     try:
-        sheet.save(out, format="PNG")
+        paths.write_bytes(out, buf.getvalue())
     except OSError as e:
         raise ClipjaxError(f"cannot write contact sheet {out}: {e}") from None
     return out

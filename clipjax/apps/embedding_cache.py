@@ -11,22 +11,29 @@ Re-running `update` embeds only files that are new or whose size or mtime
 changed, drops the rows of files that no longer exist, and keeps the rest
 byte for byte. The model fingerprint (a hash of the model config and every
 parameter) guards against mixing embeddings of two models in one cache.
+
+INDEX_DIR may be relative, absolute or a URI (`gs://bucket/index`): the cache's
+files go through `clipjax.paths` (each replaced whole: tmp + rename locally, one
+object upload remotely). A local cache is memory-mapped; a remote one is read
+into memory. The images themselves are local files.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from clipjax import paths as paths_lib
 from clipjax.apps import image_files
 from clipjax.errors import ClipjaxError
 
@@ -54,7 +61,7 @@ def model_fingerprint(model) -> str:
 def model_record(model, fingerprint: str | None = None) -> dict[str, Any]:
     workdir = getattr(model, "workdir", None)
     return {
-        "workdir": os.path.abspath(workdir) if workdir else None,
+        "workdir": paths_lib.to_str(workdir) if workdir else None,
         "step": getattr(model, "step", None),
         "fingerprint": fingerprint or model_fingerprint(model),
     }
@@ -85,7 +92,7 @@ class EmbeddingCache:
 
     def __init__(self, directory: str, paths: list[str], sizes: np.ndarray,
                  mtimes: np.ndarray, embeddings: np.ndarray, meta: dict[str, Any]):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths_lib.to_str(directory)
         self.paths = paths
         self.sizes = np.asarray(sizes, np.int64)
         self.mtimes = np.asarray(mtimes, np.int64)
@@ -102,7 +109,7 @@ class EmbeddingCache:
 
     @staticmethod
     def exists(directory: str) -> bool:
-        return os.path.exists(os.path.join(directory, META))
+        return paths_lib.exists(paths_lib.join(directory, META))
 
     @classmethod
     def open(cls, directory: str) -> EmbeddingCache:
@@ -111,11 +118,9 @@ class EmbeddingCache:
             raise ClipjaxError(f"{directory}: no embedding cache here ({META} missing); "
                                "create one with `clipjax embed`")
         try:
-            with open(os.path.join(directory, META), encoding="utf-8") as f:
-                meta = json.load(f)
-            with open(os.path.join(directory, FILES), encoding="utf-8") as f:
-                files = json.load(f)
-            embeddings = np.load(os.path.join(directory, EMBEDDINGS), mmap_mode="r")
+            meta = json.loads(paths_lib.read_text(paths_lib.join(directory, META)))
+            files = json.loads(paths_lib.read_text(paths_lib.join(directory, FILES)))
+            embeddings = _load_array(paths_lib.join(directory, EMBEDDINGS))
         except (OSError, ValueError) as e:
             raise ClipjaxError(f"{directory}: cannot read the embedding cache: {e}") from None
         if meta.get("format") != FORMAT:
@@ -273,13 +278,13 @@ class EmbeddingCache:
                                f"{e.strerror or e}") from None
 
     def _save(self) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        _atomic(os.path.join(self.directory, EMBEDDINGS),
-                lambda f: np.save(f, np.ascontiguousarray(self.embeddings)), binary=True)
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(self.embeddings))
+        paths_lib.write_bytes(paths_lib.join(self.directory, EMBEDDINGS), buf.getvalue())
         files = {"revision": self.revision, "paths": self.paths,
                  "sizes": self.sizes.tolist(), "mtime_ns": self.mtimes.tolist()}
-        _atomic(os.path.join(self.directory, FILES), lambda f: json.dump(files, f))
-        _atomic(os.path.join(self.directory, META), lambda f: json.dump(self.meta, f, indent=1))
+        paths_lib.write_text(paths_lib.join(self.directory, FILES), json.dumps(files))
+        paths_lib.write_text(paths_lib.join(self.directory, META), json.dumps(self.meta, indent=1))
 
 
 def _describe(record: dict[str, Any]) -> str:
@@ -288,11 +293,12 @@ def _describe(record: dict[str, Any]) -> str:
     return f"{where}{step}, fingerprint {str(record.get('fingerprint'))[:12]}"
 
 
-def _atomic(path: str, write: Callable, binary: bool = False) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-        write(f)
-    os.replace(tmp, path)
+def _load_array(path) -> np.ndarray:
+    """A local .npy memory-mapped (rows are read on demand); a remote one read whole."""
+    local = paths_lib.local(path)
+    if local is not None:
+        return np.load(local, mmap_mode="r")
+    return np.load(io.BytesIO(paths_lib.read_bytes(path)))
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from clipjax import paths as paths_lib
 from clipjax.errors import ClipjaxError
 
 IMAGE_EXTENSIONS = frozenset({
@@ -33,6 +34,15 @@ class UnreadableImage(Exception):
         super().__init__(f"{path}: {reason}")
 
 
+def require_local(path, what: str = "images") -> None:
+    """A ClipjaxError for a URI: images, image folders and patterns must be local."""
+    if paths_lib.is_remote(path):
+        raise ClipjaxError(
+            f"{os.fspath(path)}: {what} are read from local files only (a bucket can hold "
+            "the embedding cache and the model, not the images to embed); copy them to "
+            "local disk first, e.g. `gcloud storage cp -r URI DIR`")
+
+
 def is_image_file(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
@@ -47,6 +57,7 @@ def find_images(specs: str | Sequence[str], *, recursive: bool = True) -> list[s
         specs = [specs]
     found: set[str] = set()
     for spec in specs:
+        require_local(spec)
         spec = os.path.expanduser(os.fspath(spec))
         if any(c in GLOB_CHARS for c in spec) and not os.path.exists(spec):
             matches = glob.glob(spec, recursive=True)
@@ -82,6 +93,7 @@ def open_image(path: str) -> Image.Image:
     The mode is left alone so that the model's preprocessing converts to RGB
     where open_clip does (after resize and crop).
     """
+    require_local(path)
     try:
         with Image.open(path) as im:
             im.load()

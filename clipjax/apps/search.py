@@ -2,8 +2,9 @@
 
 `ImageIndex` pairs an `EmbeddingCache` with a faiss index of its rows (exact by
 default; an approximate one is built once per cache revision and kept next to
-the cache). `search` turns a query — text, an image, or a vector — into a
-unit vector with the model that made the cache, and returns the top hits.
+the cache, on local disk or in a bucket alike). `search` turns a query — text,
+an image, or a vector — into a unit vector with the model that made the cache,
+and returns the top hits.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.apps import image_files, vector_index
 from clipjax.apps.embedding_cache import EmbeddingCache, model_fingerprint
 from clipjax.errors import ClipjaxError
@@ -85,8 +87,8 @@ class ImageIndex:
 
 
 def _ann_files(cache: EmbeddingCache, kind: str) -> tuple[str, str]:
-    base = os.path.join(cache.directory, kind)
-    return f"{base}.faiss", f"{base}.json"
+    return (os.fspath(paths.join(cache.directory, f"{kind}.faiss")),
+            os.fspath(paths.join(cache.directory, f"{kind}.json")))
 
 
 def _build_record(cache: EmbeddingCache, options: vector_index.IndexOptions) -> dict:
@@ -100,11 +102,10 @@ def _build_record(cache: EmbeddingCache, options: vector_index.IndexOptions) -> 
 def _load_saved(cache: EmbeddingCache, options):
     index_file, record_file = _ann_files(cache, options.kind)
     try:
-        with open(record_file, encoding="utf-8") as f:
-            record = json.load(f)
+        record = json.loads(paths.read_text(record_file))
     except (OSError, ValueError):
         return None
-    if record != _build_record(cache, options) or not os.path.exists(index_file):
+    if record != _build_record(cache, options) or not paths.exists(index_file):
         return None
     return vector_index.load(index_file)
 
@@ -113,8 +114,7 @@ def _save(cache: EmbeddingCache, options, index) -> None:
     index_file, record_file = _ann_files(cache, options.kind)
     try:
         vector_index.save(index, index_file)
-        with open(record_file, "w", encoding="utf-8") as f:
-            json.dump(_build_record(cache, options), f)
+        paths.write_text(record_file, json.dumps(_build_record(cache, options)))
     except OSError as e:  # a read-only cache still searches; it just rebuilds next time
         warnings.warn(f"cannot save the {options.kind} index in {cache.directory}: {e}",
                       stacklevel=3)

@@ -9,19 +9,20 @@
   build, fast to query; recall rises with efSearch.
 
 Vectors go in as float32 rows; callers L2-normalise them so that inner product
-is cosine similarity.
+is cosine similarity. Saved indexes go through `clipjax.paths` as bytes
+(`faiss.serialize_index`), so they may live in a bucket.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 KINDS = ("exact", "ivf", "hnsw")
@@ -158,13 +159,13 @@ def _threads(n: int):
 
 
 def save(index: faiss.Index, path: str) -> None:
-    tmp = f"{path}.tmp"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
+    """Writes the index whole (a local tmp + rename, or one object upload)."""
+    paths.write_bytes(path, faiss.serialize_index(index).tobytes())
 
 
 def load(path: str) -> faiss.Index:
     try:
-        return faiss.read_index(path)
+        data = np.frombuffer(paths.read_bytes(path), np.uint8)
+        return faiss.deserialize_index(data)
     except RuntimeError as e:
         raise ClipjaxError(f"{path}: cannot read faiss index: {e}") from None

@@ -4,6 +4,10 @@ The README's first command. Each phase is the CLI a user would type
 (`clipjax data convert`, `clipjax train`, `clipjax eval`), run in this process
 and timed; the zero-shot evaluation uses prompt templates that no training
 caption used, so the score measures transfer, not memorised strings.
+
+`--workdir` may be relative, absolute or a URI (`gs://bucket/demo`): everything the
+demo writes (the downloaded IDX files, shards, run, results) goes there through
+`clipjax.paths`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import gzip
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import time
@@ -46,12 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from clipjax import cli
+    from clipjax import cli, paths
     from clipjax.data.idx import FASHION_MNIST_CLASSES
     from clipjax.errors import ClipjaxError
 
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.to_str(args.workdir)
+    paths.makedirs(workdir)
     timings: dict[str, float] = {}
 
     def phase(name, argv):
@@ -63,19 +68,18 @@ def run(args) -> int:
             raise ClipjaxError(f"the {name} phase failed (exit status {rc})")
 
     start = time.perf_counter()
-    data_dir = find_fashion_mnist(args.data_dir, os.path.join(workdir, "fashion-mnist"))
+    data_dir = find_fashion_mnist(args.data_dir, posixpath.join(workdir, "fashion-mnist"))
     timings["data"] = time.perf_counter() - start
 
-    shards = os.path.join(workdir, "shards", "train")
-    if not os.path.exists(os.path.join(shards, "sizes.json")):
+    shards = posixpath.join(workdir, "shards", "train")
+    if not paths.exists(posixpath.join(shards, "sizes.json")):
         convert = ["data", "convert", "--from", "idx", data_dir, "--split", "train",
                    "--out", shards, "--shard-size", "10000", "--image-format", "png"]
         for t in TRAIN_TEMPLATES:
             convert += ["--template", t]
         phase("convert", convert)
-    with open(os.path.join(shards, "sizes.json"), encoding="utf-8") as f:
-        num_shards = len(json.load(f))
-    urls = os.path.join(shards, f"{{00000..{num_shards - 1:05d}}}.tar")
+    num_shards = len(json.loads(paths.read_text(posixpath.join(shards, "sizes.json"))))
+    urls = posixpath.join(shards, f"{{00000..{num_shards - 1:05d}}}.tar")
 
     config = args.config or _default_config()
     train = ["train", "--config", f"{config}:{urls}", "--workdir", workdir]
@@ -83,15 +87,15 @@ def run(args) -> int:
         train.append(f"--config.train.steps={args.steps}")
     phase("train", train)
 
-    classnames = os.path.join(workdir, "classnames.txt")
-    templates = os.path.join(workdir, "heldout_templates.txt")
+    classnames = posixpath.join(workdir, "classnames.txt")
+    templates = posixpath.join(workdir, "heldout_templates.txt")
     _write_lines(classnames, FASHION_MNIST_CLASSES)
     _write_lines(templates, EVAL_TEMPLATES)
     phase("eval", ["eval", "--workdir", workdir, "--tasks", "fashion_mnist", "--data-dir",
                    data_dir, "--classnames", classnames, "--templates", templates,
                    "--confusion-matrix", "--force"])
 
-    result = _latest_result(os.path.join(workdir, "eval", "fashion_mnist"))
+    result = _latest_result(posixpath.join(workdir, "eval", "fashion_mnist"))
     print("\n== demo summary")
     for name, seconds in timings.items():
         print(f"  {name:<8} {seconds:7.1f} s")
@@ -115,12 +119,14 @@ def _default_config() -> str:
 
 
 def find_fashion_mnist(data_dir: str, cache_dir: str) -> str:
-    """The IDX files: given, Debian's package (installing it if allowed), or downloaded."""
+    """The IDX files: given, Debian's package (installing it if allowed), or downloaded
+    into `cache_dir` (local or a URI)."""
+    from clipjax import paths
     from clipjax.errors import ClipjaxError
 
     for d in filter(None, (data_dir, DEBIAN_DIR, cache_dir)):
-        if all(os.path.exists(os.path.join(d, f)) for f in FILES):
-            return d
+        if all(paths.exists(paths.join(d, f)) for f in FILES):
+            return paths.to_str(d)
     if data_dir:
         raise ClipjaxError(f"{data_dir}: missing Fashion-MNIST IDX files ({', '.join(FILES)})")
     if shutil.which("apt-get") and os.geteuid() == 0:
@@ -130,9 +136,8 @@ def find_fashion_mnist(data_dir: str, cache_dir: str) -> str:
         if r.returncode == 0 and os.path.exists(os.path.join(DEBIAN_DIR, FILES[0])):
             return DEBIAN_DIR
     print(f"downloading Fashion-MNIST from {DOWNLOAD_URL} ...", flush=True)
-    os.makedirs(cache_dir, exist_ok=True)
     for name in FILES:
-        target = os.path.join(cache_dir, name)
+        target = paths.join(cache_dir, name)
         try:
             with urllib.request.urlopen(DOWNLOAD_URL + name, timeout=60) as r:
                 data = r.read()
@@ -141,18 +146,18 @@ def find_fashion_mnist(data_dir: str, cache_dir: str) -> str:
             raise ClipjaxError(
                 f"cannot obtain Fashion-MNIST ({e}); install Debian's dataset-fashion-mnist "
                 "or pass --data-dir") from e
-        with open(target + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(target + ".tmp", target)
-    return cache_dir
+        paths.write_bytes(target, data)
+    return paths.to_str(cache_dir)
 
 
 def _write_lines(path: str, lines) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    from clipjax import paths
+
+    paths.write_text(path, "\n".join(lines) + "\n")
 
 
 def _latest_result(directory: str) -> dict:
-    steps = sorted(int(n[:-5]) for n in os.listdir(directory) if n[:-5].isdigit())
-    with open(os.path.join(directory, f"{steps[-1]}.json"), encoding="utf-8") as f:
-        return json.load(f)
+    from clipjax import paths
+
+    steps = sorted(int(n[:-5]) for n in paths.listdir(directory) if n[:-5].isdigit())
+    return json.loads(paths.read_text(paths.join(directory, f"{steps[-1]}.json")))

@@ -12,11 +12,13 @@ FORMATS = ("open_clip",)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=FORMATS, help="the target library")
     p.add_argument("--workdir", required=True, metavar="DIR",
-                   help="a clipjax workdir (trained or imported) or WORKDIR/checkpoints/STEP")
+                   help="a clipjax workdir (trained or imported) or WORKDIR/checkpoints/STEP "
+                        "(relative, absolute or gs://)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors|DIR",
                    help="the weights file; a directory (no .safetensors suffix) gets open_clip's "
-                        "local-dir layout (weights + open_clip_config.json with preprocessing)")
+                        "local-dir layout (weights + open_clip_config.json with preprocessing); "
+                        "local or gs://")
     p.add_argument("--model-config-out", metavar="NAME.json",
                    help="also write the open_clip model config; open_clip.add_model_config("
                         "NAME.json) registers it as NAME")
@@ -26,9 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import os
+    import posixpath
     import sys
 
+    from clipjax import paths
     from clipjax.interop.export import export_open_clip
 
     result = export_open_clip(args.workdir, args.out, step=args.step,
@@ -36,12 +39,13 @@ def run(args) -> int:
     print(f"wrote {result.weights} ({result.tensors} tensors)")
     if result.model_config:
         print(f"wrote {result.model_config}")
-    if not args.out.endswith(".safetensors"):
-        print(f"load: open_clip.create_model_and_transforms('local-dir:{args.out}')")
+    out = paths.to_str(args.out)
+    if not out.endswith(".safetensors"):
+        print(f"load: open_clip.create_model_and_transforms('local-dir:{out}')")
     elif args.model_config_out:
-        name = os.path.splitext(os.path.basename(args.model_config_out))[0]
-        print(f"load: open_clip.add_model_config({args.model_config_out!r}); "
-              f"open_clip.create_model({name!r}, pretrained={args.out!r})")
+        name = posixpath.splitext(posixpath.basename(result.model_config))[0]
+        print(f"load: open_clip.add_model_config({result.model_config!r}); "
+              f"open_clip.create_model({name!r}, pretrained={out!r})")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0

@@ -22,9 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "TorchScript archives must be converted first (the error says how).")
     for p in (oc, oa):
         p.add_argument("--checkpoint", required=True, metavar="FILE",
-                       help=".safetensors or PyTorch (.pt/.bin) file holding the state_dict")
+                       help=".safetensors or PyTorch (.pt/.bin) file holding the state_dict "
+                            "(local or gs://)")
         p.add_argument("--workdir", required=True, metavar="OUT",
-                       help="the clipjax workdir to create (must hold no checkpoint yet)")
+                       help="the clipjax workdir to create (must hold no checkpoint yet; "
+                            "relative, absolute or gs://)")
         p.add_argument("--act", choices=("quick_gelu", "gelu"), default=None,
                        help="override the activation (open_clip weights of OpenAI models need "
                             "quick_gelu; use the -quickgelu preset or this flag)")
@@ -33,13 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from clipjax import checkpoint
+    from clipjax import checkpoint, paths
     from clipjax.errors import ClipjaxError
 
     if args.config_args:
         raise ClipjaxError("import takes no --config arguments; the architecture comes from "
                            "the checkpoint (openai) or --model-config (open_clip)")
-    if checkpoint.finalized_steps(args.workdir):
+    workdir = paths.to_str(args.workdir)  # relative: where the command was started
+    if checkpoint.finalized_steps(workdir):
         raise ClipjaxError(f"{args.workdir} already holds a checkpoint; choose a new --workdir")
     if args.source == "openai":
         from clipjax.interop.openai import import_openai
@@ -55,8 +58,8 @@ def run(args) -> int:
         config.model.scan_layers = True
         params = stack_layers(params)
     n = sum(int(x.size) for x in _leaves(params))
-    path = checkpoint.save_params(args.workdir, params, config, metadata={
-        "source": args.source, "checkpoint": str(args.checkpoint)})
+    path = checkpoint.save_params(workdir, params, config, metadata={
+        "source": args.source, "checkpoint": paths.to_str(args.checkpoint)})
     img = config.model.image
     arch = (f"ViT width {img.width} x {img.layers}, patch {img.patch_size}"
             if img.kind == "vit" else f"ModifiedResNet {tuple(img.resnet_layers)} "

@@ -51,10 +51,12 @@ def run(args) -> int:
 
     from clipjax.apps import console
     from clipjax.apps.clipscore import clip_score
-    from clipjax.apps.image_files import embed_files
+    from clipjax.apps.image_files import embed_files, require_local
     from clipjax.errors import ClipjaxError
 
     pairs = _pairs(args)
+    for p, _ in pairs:
+        require_local(p)
     model = console.load_model(args.model, args.step, args.batch_size)
     paths = [os.path.abspath(p) for p, _ in pairs]
     unique = sorted(set(paths))

@@ -5,14 +5,17 @@ PIL image or a uint8 array, `target` a class index (classification) or a list
 of captions (retrieval). A source may carry its own `classnames` and
 `templates` (CLIP_benchmark's `wds/` layout ships both; TFDS names its labels).
 Evaluation reads every example once, in order; nothing here shuffles.
+
+Every path goes through `clipjax.paths`: data directories may be relative,
+absolute or a URI (`gs://...`); tar shards are streamed, not downloaded whole.
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import io
 import os
+import posixpath
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -60,10 +64,10 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 def read_idx(path: str) -> np.ndarray:
     """Reads an IDX file (the MNIST format), gzipped or not."""
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
+        data = paths.read_bytes(path)
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
     except (OSError, EOFError) as e:
         raise ClipjaxError(f"cannot read IDX file {path}: {e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
@@ -80,8 +84,8 @@ def read_idx(path: str) -> np.ndarray:
 
 def _find(data_dir: str, stem: str) -> str:
     for name in (f"{stem}.gz", stem):
-        path = os.path.join(data_dir, name)
-        if os.path.exists(path):
+        path = os.fspath(paths.join(data_dir, name))
+        if paths.exists(path):
             return path
     raise ClipjaxError(f"{data_dir}: no {stem}[.gz]")
 
@@ -107,25 +111,37 @@ def idx_source(data_dir: str, split: str = "test", name: str = "idx") -> Source:
 
 def _images_in(directory: str) -> list[str]:
     return sorted(
-        os.path.join(directory, f) for f in os.listdir(directory)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+        os.fspath(paths.join(directory, f)) for f in paths.listdir(directory)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and paths.is_file(paths.join(directory, f)))
+
+
+def subdirs(directory: str) -> list[str]:
+    """Names of the sub-directories of `directory`, sorted."""
+    return [d for d in paths.listdir(directory) if paths.is_dir(paths.join(directory, d))]
+
+
+def open_image(path: str) -> Image.Image:
+    """A decoded PIL image of a local or remote file."""
+    if not paths.is_remote(path):
+        return Image.open(path)
+    return decode(paths.read_bytes(path))
 
 
 def folder_source(root: str, name: str = "folder") -> Source:
     """ROOT/<class>/*.jpg: classes in sorted folder order; names from the folder names."""
-    if not os.path.isdir(root):
+    if not paths.is_dir(root):
         raise ClipjaxError(f"{root}: not a directory")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    classes = subdirs(root)
     if not classes:
         raise ClipjaxError(f"{root}: no class subfolders")
     items = [(path, label) for label, c in enumerate(classes)
-             for path in _images_in(os.path.join(root, c))]
+             for path in _images_in(os.fspath(paths.join(root, c)))]
     if not items:
         raise ClipjaxError(f"{root}: no images in its class subfolders")
 
     def examples():
         for path, label in items:
-            yield Image.open(path), label
+            yield open_image(path), label
 
     names = [c.replace("_", " ") for c in classes]
     return Source(name, len(items), examples, classnames=names)
@@ -133,14 +149,13 @@ def folder_source(root: str, name: str = "folder") -> Source:
 
 def caption_folder_source(root: str, name: str = "captions") -> Source:
     """ROOT/KEY.jpg + ROOT/KEY.txt (one caption per line): a retrieval set."""
-    if not os.path.isdir(root):
+    if not paths.is_dir(root):
         raise ClipjaxError(f"{root}: not a directory")
     items = []
     for path in _images_in(root):
         txt = os.path.splitext(path)[0] + ".txt"
-        if os.path.exists(txt):
-            with open(txt, encoding="utf-8") as f:
-                caps = [c.strip() for c in f.read().splitlines() if c.strip()]
+        if paths.exists(txt):
+            caps = [c.strip() for c in paths.read_text(txt).splitlines() if c.strip()]
             if caps:
                 items.append((path, caps))
     if not items:
@@ -148,7 +163,7 @@ def caption_folder_source(root: str, name: str = "captions") -> Source:
 
     def examples():
         for path, caps in items:
-            yield Image.open(path), caps
+            yield open_image(path), caps
 
     return Source(name, len(items), examples, kind="retrieval")
 
@@ -157,23 +172,23 @@ def caption_folder_source(root: str, name: str = "captions") -> Source:
 
 
 def _read_lines(path: str) -> list[str] | None:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f.read().splitlines() if line.strip()]
+    return [line.strip() for line in paths.read_text(path).splitlines() if line.strip()]
 
 
-def _tar_samples(paths: list[str]) -> Iterator[dict[str, bytes]]:
-    """Groups consecutive tar members by key (the name up to the first dot)."""
-    for path in paths:
+def _tar_samples(shards: list[str]) -> Iterator[dict[str, bytes]]:
+    """Groups consecutive tar members by key (the name up to the first dot); each shard
+    is read as one stream (one sequential read on an object store)."""
+    for path in shards:
         sample, key = {}, None
-        with tarfile.open(path) as tar:
+        with paths.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                base = os.path.basename(member.name)
+                base = posixpath.basename(member.name)
                 k, _, ext = base.partition(".")
-                k = os.path.join(os.path.dirname(member.name), k)
+                k = posixpath.join(posixpath.dirname(member.name), k)
                 if k != key and sample:
                     yield sample
                     sample = {}
@@ -190,18 +205,18 @@ def _image_of(sample: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def _count_samples(paths: list[str]) -> int:
-    return sum(1 for s in _tar_samples_index(paths))
+def _count_samples(shards: list[str]) -> int:
+    return sum(1 for s in _tar_samples_index(shards))
 
 
-def _tar_samples_index(paths: list[str]) -> Iterator[str]:
-    for path in paths:
-        with tarfile.open(path) as tar:
+def _tar_samples_index(shards: list[str]) -> Iterator[str]:
+    for path in shards:
+        with paths.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             keys = []
             for member in tar:
                 if member.isfile():
-                    k = os.path.join(os.path.dirname(member.name),
-                                     os.path.basename(member.name).partition(".")[0])
+                    k = posixpath.join(posixpath.dirname(member.name),
+                                       posixpath.basename(member.name).partition(".")[0])
                     if not keys or keys[-1] != k:
                         keys.append(k)
             yield from keys
@@ -210,11 +225,12 @@ def _tar_samples_index(paths: list[str]) -> Iterator[str]:
 def wds_source(root: str, split: str = "test", name: str = "wds") -> Source:
     """CLIP_benchmark's layout: ROOT/{classnames.txt, zeroshot_classification_templates.txt,
     SPLIT/*.tar}; samples hold an image plus `.cls` (class index) or `.txt` (captions)."""
-    shards = sorted(glob.glob(os.path.join(root, split, "*.tar")))
+    shards = paths.glob(paths.join(root, split, "*.tar"))
     if not shards:
         raise ClipjaxError(f"{root}: no {split}/*.tar shards (CLIP_benchmark wds layout)")
-    classnames = _read_lines(os.path.join(root, "classnames.txt"))
-    templates = _read_lines(os.path.join(root, "zeroshot_classification_templates.txt"))
+    classnames = _read_lines(os.fspath(paths.join(root, "classnames.txt")))
+    templates = _read_lines(os.fspath(paths.join(root,
+                                                 "zeroshot_classification_templates.txt")))
     if templates:
         from clipjax.evaluate.prompts import normalize_templates
 

@@ -5,15 +5,20 @@ restored onto the evaluator's own devices, whatever mesh wrote them). It
 writes only under DIR/eval/ and DIR/tb/eval/. With `watch`, it polls for new
 checkpoints and evaluates each as it appears, until none has appeared for
 `watch_timeout` seconds or the run's final step (config.train.steps) is done.
+
+DIR may be relative (resolved once, when the evaluator starts), absolute or a URI
+(`gs://bucket/run`): every read and write goes through `clipjax.paths`, whose
+listings are never served from a cache, so polling sees another host's new
+checkpoints on an object store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +28,7 @@ from tqdm import tqdm
 
 from clipjax import checkpoint as checkpoint_lib
 from clipjax import config as config_lib
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 from clipjax.evaluate import datasets, linear_probe, results, retrieval, tasks, zeroshot
 from clipjax.evaluate import encoder as encoder_lib
@@ -67,7 +73,7 @@ def options_from_config(config, task_list: list[tasks.Task] | None = None, **ove
 class Evaluator:
     def __init__(self, workdir: str, options: Options, *, devices=None,
                  log: Callable[[str], None] | None = None):
-        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.workdir = paths.to_str(workdir)
         _check_checkpoint_arg(options.checkpoint)
         self.opts = options
         self.log = log or (lambda msg: print(msg, flush=True))
@@ -79,11 +85,11 @@ class Evaluator:
 
     def _read_config(self):
         """config.json; with watch, waits for a training run that has not written it yet."""
-        path = os.path.join(self.workdir, checkpoint_lib.CONFIG_FILE)
-        if self.opts.watch and not os.path.exists(path):
+        path = paths.join(self.workdir, checkpoint_lib.CONFIG_FILE)
+        if self.opts.watch and not _exists_fresh(path):
             self.log(f"waiting for {path}")
             deadline = time.monotonic() + self.opts.watch_timeout
-            while not os.path.exists(path) and time.monotonic() < deadline:
+            while not _exists_fresh(path) and time.monotonic() < deadline:
                 time.sleep(self.opts.poll_interval)
         return checkpoint_lib.read_config(self.workdir)
 
@@ -158,7 +164,7 @@ class Evaluator:
     def _evaluate_or_skip(self, step: int) -> dict[str, dict] | None:
         if not self.opts.force:
             have = [results.result_path(self.workdir, t.label, step) for t in self.opts.tasks]
-            if all(os.path.exists(p) for p in have):
+            if all(paths.exists(p) for p in have):
                 self.log(f"step {step}: results exist in {results.EVAL_DIR}/ (--force recomputes)")
                 return None
         try:
@@ -257,15 +263,14 @@ class Evaluator:
         """The ensembled class embeddings, cached per (checkpoint, task, prompts)."""
         key = hashlib.sha1(json.dumps(
             [names, templates, config_lib.to_json(self.config)]).encode()).hexdigest()[:16]
-        path = os.path.join(self.workdir, results.EVAL_DIR, CACHE_DIR, task.label,
-                            f"{step}-{key}.npy")
-        if os.path.exists(path):
-            return np.load(path)
+        path = paths.join(self.workdir, results.EVAL_DIR, CACHE_DIR, task.label,
+                          f"{step}-{key}.npy")
+        if path.exists():
+            return np.load(io.BytesIO(paths.read_bytes(path)))
         classifier = zeroshot.build_classifier(enc.encode_texts, names, templates)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npy"
-        np.save(tmp, classifier)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.save(buf, classifier)
+        paths.write_bytes(path, buf.getvalue())
         return classifier
 
     def _linear_probe(self, task: tasks.Task, enc) -> dict:
@@ -295,6 +300,12 @@ class Evaluator:
         text_emb = enc.encode_texts(texts)
         return {"num_examples": len(image_emb), "num_texts": len(texts),
                 **retrieval.recall_at_k(image_emb, text_emb, text_image)}
+
+
+def _exists_fresh(path) -> bool:
+    """Whether `path` exists now (a remote parent's listing cache is dropped first)."""
+    paths.invalidate_cache(paths.resolve(path).parent)
+    return paths.exists(path)
 
 
 def _check_checkpoint_arg(c: str) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -32,11 +33,13 @@ def builtin_templates() -> list[str]:
 
 
 def read_list(path: str | os.PathLike, key: str) -> list[str]:
-    """Reads a list of strings from a text file (one per line) or a JSON file."""
+    """Reads a list of strings from a text file (one per line) or a JSON file (local or a
+    URI)."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = paths.read_text(path)
+    except UnicodeDecodeError as e:
+        raise ClipjaxError(f"{key} file {path}: not UTF-8 text: {e}") from None
     except OSError as e:
         raise ClipjaxError(f"cannot read {key} file {path}: {e.strerror or e}") from None
     if path.endswith(".json"):
@@ -62,9 +65,9 @@ def read_list(path: str | os.PathLike, key: str) -> list[str]:
 def _resolve(spec: str, directory: Path, key: str, known: list[str]) -> list[str]:
     """`spec` is a built-in list name or a path to a file."""
     builtin = directory / f"{spec}.txt"
-    if os.sep not in spec and not os.path.exists(spec) and builtin.exists():
+    if "/" not in spec and os.sep not in spec and builtin.exists() and not paths.exists(spec):
         return read_list(builtin, key)
-    if os.path.exists(spec):
+    if paths.exists(spec):
         return read_list(spec, key)
     raise ClipjaxError(
         f"{key} {spec!r} is neither a file nor a built-in list; built-in: {', '.join(known)}")

@@ -5,12 +5,16 @@
     DIR/eval/<task>/confusion_<step>.png   (optional)
     DIR/tb/eval/                     TensorBoard events, tags "<task>/<metric>"
 
-Files are written to a temporary name and renamed, so a reader never sees half
-of one. Nothing here touches DIR/checkpoints/.
+DIR may be relative, absolute or a URI (`gs://...`): every file goes through
+`clipjax.paths`, which replaces a file whole (tmp + rename locally, one object
+upload remotely), so a reader never sees half of one. TensorBoard events on an
+object store are uploaded whole at each flush (`clipjax.tensorboard`). Nothing
+here touches DIR/checkpoints/.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,43 +23,34 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from clipjax import paths
+
 EVAL_DIR = "eval"
-TB_DIR = os.path.join("tb", "eval")
+TB_DIR = "tb/eval"
 HEADLINE = ("top1", "image_to_text_R@1", "text_to_image_R@1")
 
 
 def task_dir(workdir: str, task: str) -> str:
-    return os.path.join(workdir, EVAL_DIR, task)
+    return os.fspath(paths.join(workdir, EVAL_DIR, task))
 
 
 def result_path(workdir: str, task: str, step: int) -> str:
-    return os.path.join(task_dir(workdir, task), f"{step}.json")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    return os.fspath(paths.join(workdir, EVAL_DIR, task, f"{step}.json"))
 
 
 def write_json(workdir: str, task: str, step: int, record: Mapping) -> str:
     path = result_path(workdir, task, step)
-    _atomic_write(path, (json.dumps(dict(record), indent=2, sort_keys=False) + "\n").encode())
+    paths.write_text(path, json.dumps(dict(record), indent=2, sort_keys=False) + "\n")
     return path
 
 
 def read_all(workdir: str, task: str) -> list[dict]:
     """Every result of one task, sorted by step."""
     d = task_dir(workdir, task)
-    if not os.path.isdir(d):
-        return []
     out = []
-    for name in os.listdir(d):
+    for name in paths.listdir(d):
         if re.fullmatch(r"\d+\.json", name):
-            with open(os.path.join(d, name), encoding="utf-8") as f:
-                out.append(json.load(f))
+            out.append(json.loads(paths.read_text(paths.join(d, name))))
     return sorted(out, key=lambda r: r["step"])
 
 
@@ -70,9 +65,9 @@ class TensorBoard:
     """Scalars under DIR/tb/eval, one tag per task and metric."""
 
     def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter
+        from clipjax.tensorboard import summary_writer
 
-        self.writer = SummaryWriter(os.path.join(workdir, TB_DIR))
+        self.writer = summary_writer(paths.join(workdir, TB_DIR))
 
     def write(self, task: str, record: Mapping) -> None:
         for name in metric_names(record):
@@ -95,7 +90,7 @@ def plot(workdir: str, task: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    written = []
     names = [m for m in HEADLINE if any(m in r for r in records)]
     for name in names:
         pts = [(r["step"], r[name]) for r in records if name in r]
@@ -106,11 +101,11 @@ def plot(workdir: str, task: str) -> list[str]:
         ax.set_title(f"{task}: {name}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = os.path.join(task_dir(workdir, task), f"{_safe(name)}.png")
+        path = os.fspath(paths.join(task_dir(workdir, task), f"{_safe(name)}.png"))
         _save(fig, path)
         plt.close(fig)
-        paths.append(path)
-    return paths
+        written.append(path)
+    return written
 
 
 def plot_confusion(workdir: str, task: str, step: int, cm: np.ndarray,
@@ -138,7 +133,7 @@ def plot_confusion(workdir: str, task: str, step: int, cm: np.ndarray,
     ax.set_ylabel("true")
     ax.set_title(f"{task} @ step {step}")
     fig.tight_layout()
-    path = os.path.join(task_dir(workdir, task), f"confusion_{step}.png")
+    path = os.fspath(paths.join(task_dir(workdir, task), f"confusion_{step}.png"))
     _save(fig, path)
     plt.close(fig)
     return path
@@ -149,7 +144,6 @@ def _safe(name: str) -> str:
 
 
 def _save(fig, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    paths.write_bytes(path, buf.getvalue())

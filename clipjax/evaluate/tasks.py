@@ -12,6 +12,7 @@ A task string is `[LABEL=]DATASET[@MODE][?split=SPLIT]`:
 Built-in tasks read `--data-dir` when given: IDX files, a CLIP_benchmark wds
 folder or class folders there are used as such; anything else is taken as a
 TFDS data_dir. Fashion-MNIST defaults to the Debian package's IDX files.
+Paths may be relative, absolute or URIs (`idx:gs://bucket/fashion-mnist`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 from clipjax.evaluate import datasets
 from clipjax.evaluate import prompts as prompts_lib
@@ -128,21 +130,21 @@ def parse_list(text: str) -> list[Task]:
 
 
 def _has_idx(directory: str) -> bool:
-    return any(os.path.exists(os.path.join(directory, f"t10k-images-idx3-ubyte{ext}"))
+    return any(f"t10k-images-idx3-ubyte{ext}" in paths.listdir(directory)
                for ext in ("", ".gz"))
 
 
 def _has_wds(directory: str, split: str) -> bool:
-    return bool(os.path.isdir(os.path.join(directory, split))
-                and any(f.endswith(".tar") for f in os.listdir(os.path.join(directory, split))))
+    return any(f.endswith(".tar") for f in paths.listdir(paths.join(directory, split)))
 
 
 def _folder_root(directory: str, split: str) -> str | None:
     """DIR/SPLIT/<class>/ or DIR/<class>/ with images, else None."""
-    for root in (os.path.join(directory, split), directory):
-        if os.path.isdir(root):
-            subdirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
-            if subdirs and any(datasets._images_in(os.path.join(root, d)) for d in subdirs):
+    for root in (os.fspath(paths.join(directory, split)), paths.to_str(directory)):
+        if paths.is_dir(root):
+            subdirs = datasets.subdirs(root)
+            if subdirs and any(datasets._images_in(os.fspath(paths.join(root, d)))
+                               for d in subdirs):
                 return root
     return None
 
@@ -164,14 +166,16 @@ def load_source(task: Task, split: str, data_dir: str = "") -> datasets.Source:
     if sep:
         if source == "tfds":
             return datasets.tfds_source(arg, split, data_dir, task.label)
-        if not os.path.exists(arg):
+        if not paths.exists(arg):
             raise ClipjaxError(f"task {task.label}: {arg} does not exist")
+        arg = paths.to_str(arg)
         if source == "idx":
             return datasets.idx_source(arg, split, task.label)
         if source == "wds":
             return datasets.wds_source(arg, split, task.label)
         if source == "captions":
-            root = os.path.join(arg, split) if os.path.isdir(os.path.join(arg, split)) else arg
+            root = os.fspath(paths.join(arg, split))
+            root = root if paths.is_dir(root) else arg
             return datasets.caption_folder_source(root, task.label)
         root = _folder_root(arg, split)
         if root is None:
@@ -179,7 +183,7 @@ def load_source(task: Task, split: str, data_dir: str = "") -> datasets.Source:
         return datasets.folder_source(root, task.label)
     builtin = BUILTINS[task.dataset]
     for directory in (data_dir, builtin.idx_dir):
-        if directory and os.path.isdir(directory):
+        if directory and paths.is_dir(directory):
             found = _from_directory(directory, split, task.label)
             if found is not None:
                 return found

@@ -13,17 +13,21 @@ preprocessing configs): `open_clip.create_model_and_transforms("local-dir:DIR")`
 
 The weights go through `clipjax.interop.open_clip.to_open_clip_state_dict`, the
 inverse of the import mapping, so import → export → import is exact.
+
+The workdir and every output may be relative, absolute or a URI (`gs://...`):
+files are written whole through `clipjax.paths`.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
 from ml_collections import ConfigDict
 
+from clipjax import paths
 from clipjax.config import OPENAI_MEAN, OPENAI_STD
 from clipjax.errors import ClipjaxError
 
@@ -87,7 +91,7 @@ def export_open_clip(workdir: str, out: str, *, step: int | None = None,
     """Writes the model in `workdir` (latest or `step`) for open_clip; see the module doc."""
     from clipjax import checkpoint
 
-    wd, step = checkpoint.resolve(os.fspath(workdir), step)
+    wd, step = checkpoint.resolve(workdir, step)
     config = checkpoint.read_config(wd)
     params = checkpoint.restore_params(wd, step)
     return write_open_clip(params, config.model, out, model_config_out=model_config_out,
@@ -98,38 +102,32 @@ def write_open_clip(params: Any, model_cfg: ConfigDict, out: str, *,
                     model_config_out: str | None = None,
                     metadata: dict[str, str] | None = None) -> Exported:
     """Writes `params` as an open_clip .safetensors (or local-dir) plus configs."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from clipjax.interop.open_clip import to_open_clip_state_dict
 
-    out = os.fspath(out)
+    out = paths.to_str(out)
     model_json = open_clip_model_config(model_cfg)
     preprocess = open_clip_preprocess_config(model_cfg)
     local_dir = not out.endswith(".safetensors")
-    if local_dir:
-        os.makedirs(out, exist_ok=True)
-        weights = os.path.join(out, LOCAL_DIR_WEIGHTS)
-    else:
-        if os.path.dirname(out):
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-        weights = out
+    weights = posixpath.join(out, LOCAL_DIR_WEIGHTS) if local_dir else out
     state_dict = to_open_clip_state_dict(params, model_cfg)
     try:
-        save_file(state_dict, weights + ".tmp", metadata={"format": "pt", **(metadata or {})})
-        os.replace(weights + ".tmp", weights)
+        data = save(state_dict, metadata={"format": "pt", **(metadata or {})})
+        paths.write_bytes(weights, data)
     except OSError as e:
         raise ClipjaxError(f"cannot write {weights}: {e}") from None
     result = Exported(weights=weights, tensors=len(state_dict))
     if local_dir:
-        result.model_config = os.path.join(out, LOCAL_DIR_CONFIG)
+        result.model_config = posixpath.join(out, LOCAL_DIR_CONFIG)
         _write_json(result.model_config, {"model_cfg": model_json,
                                           "preprocess_cfg": preprocess})
     if model_config_out:
         if not model_config_out.endswith(".json"):
             raise ClipjaxError(f"--model-config-out {model_config_out!r}: open_clip registers "
                                "only .json files (the file stem becomes the model name)")
-        _write_json(model_config_out, model_json)
-        result.model_config = model_config_out
+        result.model_config = paths.to_str(model_config_out)
+        _write_json(result.model_config, model_json)
     if model_cfg.tokenizer.kind != "clip_bpe":
         result.notes.append(
             f"the model uses a {model_cfg.tokenizer.kind} tokenizer "
@@ -145,11 +143,7 @@ def write_open_clip(params: Any, model_cfg: ConfigDict, out: str, *,
 
 
 def _write_json(path: str, obj) -> None:
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        paths.write_text(path, json.dumps(obj, indent=2) + "\n")
     except OSError as e:
         raise ClipjaxError(f"cannot write {path}: {e}") from None

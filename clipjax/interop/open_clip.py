@@ -14,6 +14,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from clipjax import paths
 from clipjax.errors import ClipjaxError
 from clipjax.interop import state_dict as sd_lib
 from clipjax.interop.weights_file import read_state_dict
@@ -32,13 +33,12 @@ def resolve_model_config(spec: str | dict | ConfigDict) -> ConfigDict:
             return presets.from_open_clip_json(json.loads(text))
         except json.JSONDecodeError as e:
             raise ClipjaxError(f"--model-config: invalid JSON ({e})") from None
-    if text.endswith(".json") or os.path.sep in text:
-        if not os.path.isfile(text):
+    if text.endswith(".json") or os.path.sep in text or paths.is_remote(text):
+        if not paths.is_file(text):
             raise ClipjaxError(f"model config file {text!r} does not exist")
         try:
-            with open(text, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(paths.read_text(text))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ClipjaxError(f"cannot read model config {text!r}: {e}") from None
         return presets.from_open_clip_json(data)
     if text not in presets.names() and (installed := _installed_open_clip_config(text)):
