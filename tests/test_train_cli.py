@@ -10,7 +10,6 @@ step is the same set of pairs however many processes read it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -21,97 +20,34 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+import train_cli
+from train_cli import REPO, TIMEOUT, wait_for
 
 from clipjax import checkpoint
-from clipjax.data.tokenizers import train_sentencepiece
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY = 32, 8
-TIMEOUT = 600
-VOCAB = 40
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    words = ["red", "green", "blue", "cat", "dog", "car", "tree", "house", "sky", "sea"]
-    for i in range(80):
-        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / f"{i:04d}.png")
-        caption = " ".join(rng.choice(words, size=3)) + f" {i}"
-        (root / f"{i:04d}.txt").write_text(caption)
-    # A small sentencepiece vocabulary: gloo (CPU multi-process) all-reduces the 49,408-row
-    # embedding gradient of CLIP's BPE slowly, and the trainer does not care which it is.
-    captions = [(root / f"{i:04d}.txt").read_text() for i in range(80)]
-    train_sentencepiece(captions, str(root.parent / f"{root.name}_sp"), vocab_size=VOCAB)
-    return str(root)
+    return train_cli.make_pairs(tmp_path_factory.mktemp("pairs"))
 
 
 def _args(workdir, data_dir, *extra):
-    return [sys.executable, "-m", "clipjax", "train", "--config", "configs/tiny.py",
-            "--workdir", str(workdir), "--progress=off",
-            f"--config.train.steps={STEPS}", f"--config.train.ckpt_every={CKPT_EVERY}",
-            "--config.train.log_every=1", "--config.train.peak_flops=1e11",
-            "--config.train.keep=2", "--config.train.keep_every=16",
-            "--config.data.batch_size=16", "--config.data.train.source=folder",
-            f"--config.data.train.path={data_dir}", "--config.data.augment.crop_scale=(1.0,1.0)",
-            "--config.data.augment.crop_ratio=(1.0,1.0)",
-            "--config.model.tokenizer.kind=sentencepiece",
-            f"--config.model.tokenizer.path={data_dir}_sp.model",
-            f"--config.model.text.vocab_size={VOCAB}", "--config.model.image.layers=1",
-            "--config.model.text.layers=1", *extra]
+    return train_cli.args(workdir, data_dir, *extra, steps=STEPS, ckpt_every=CKPT_EVERY)
 
 
 def _env(devices=8):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
+    return train_cli.env(devices)
 
 
 def _start(args, devices=8):
-    return subprocess.Popen(args, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return train_cli.start(args, devices)
 
 
-def _finish(proc, timeout=TIMEOUT):
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"clipjax train timed out:\n{out[-3000:]}")
-    return proc.returncode, out
-
-
-def _rows(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line being written
-                break
-    return rows
-
-
-def _wait_for(proc, condition, what, timeout=TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if proc.poll() is not None:
-            out = proc.stdout.read()
-            pytest.fail(f"clipjax train exited ({proc.returncode}) before {what}:\n{out[-3000:]}")
-        time.sleep(0.01)
-    proc.kill()
-    pytest.fail(f"timed out waiting for {what}")
+_finish = train_cli.finish
+_rows = train_cli.local_rows
+_wait_for = wait_for
 
 
 def _params(workdir, step):
@@ -232,3 +168,26 @@ def test_two_processes_match_one(reference, data_dir, tmp_path):
     mine, theirs = _params(workdir, STEPS), _params(reference["workdir"], STEPS)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  mine, theirs)
+
+
+def test_two_processes_sigterm_to_one_both_save_the_same_step(data_dir, tmp_path):
+    """A preemption notice reaches one host: both save the same step and exit 0 (JAX's
+    preemption service agrees on the step; no collective per step)."""
+    workdir = str(tmp_path / "multi-sigterm")
+    port = _free_port()
+    procs = [
+        _start(_args(workdir, data_dir, "--config.runtime.distributed=on",
+                     f"--config.runtime.coordinator_address=127.0.0.1:{port}",
+                     "--config.runtime.num_processes=2", f"--config.runtime.process_id={i}"),
+               devices=4)
+        for i in range(2)]
+    _wait_for(procs[0], lambda: len(_rows(workdir)) >= 3, "step 3")
+    procs[1].send_signal(signal.SIGTERM)
+    results = [_finish(p) for p in procs]
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    saved = [int(line.split("saved step ")[1].split(",")[0]) for _, out in results
+             for line in out.splitlines() if "SIGTERM: saved step" in line]
+    assert len(saved) == 2 and saved[0] == saved[1], [out[-1500:] for _, out in results]
+    assert 3 <= saved[0] < STEPS
+    assert checkpoint.finalized_steps(workdir)[-1] == saved[0]

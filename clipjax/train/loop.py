@@ -30,13 +30,22 @@ EXIT_NONFINITE = 3  # `train.nonfinite='stop'` ended the run (after checkpointin
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop checkpoints at the next step and exits 0."""
+    """A preemption notice → the loop checkpoints at an agreed step and exits 0.
+
+    One process: SIGTERM sets a flag. Several: JAX's distributed runtime has its own
+    preemption service (it catches SIGTERM on any host and agrees on a step to save
+    at, in the background): `reached_preemption_sync_point` is a local check, so no
+    step pays for a collective.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._service = jax.process_count() > 1 and _preemption_service()
 
     def __enter__(self):
+        if self._service:  # its SIGTERM handler is the runtime's; do not replace it
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. called from a test thread): no handler
@@ -50,12 +59,30 @@ class Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def agreed(self) -> bool:
-        """True when any process was asked to stop (all processes must save together)."""
+    def agreed(self, step: int) -> bool:
+        """True at the step every process saves at after any was asked to stop. Called
+        at every step by every process (the runtime's protocol needs each step id)."""
+        if self._service:
+            return multihost_utils.reached_preemption_sync_point(step)
         if jax.process_count() == 1:
             return self.requested
+        # Several processes without the runtime's service: agree every PREEMPT_EVERY steps.
+        if step % PREEMPT_EVERY:
+            return False
         flags = multihost_utils.process_allgather(np.array(self.requested, np.int32))
         return bool(np.max(flags))
+
+
+PREEMPT_EVERY = 10
+
+
+def _preemption_service() -> bool:
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
 
 
 def _initial_state(program, config: ConfigDict):
@@ -188,7 +215,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                     ckpt.save(state, pipeline)
                     # Saving (the device→host copy; writing is async) is not step time.
                     last_time += time.perf_counter() - t_save
-                if step < total and preemption.agreed():
+                if preemption.agreed(step) and step < total:
                     ckpt.save(state, pipeline, force=True, metadata={"reason": "preempted"})
                     print(f"clipjax train: SIGTERM: saved step {step}, exiting", flush=True)
                     break

@@ -1,0 +1,108 @@
+"""Running `clipjax train` as a user does, in a subprocess: shared by the CLI test files.
+
+The data is a folder of real PNG files with captions and a small sentencepiece
+vocabulary (gloo all-reduces CLIP's 49,408-row embedding gradient slowly, and the
+trainer does not care which tokenizer it is).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipjax.data.tokenizers import train_sentencepiece
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 600
+VOCAB = 40
+
+
+def make_pairs(root) -> str:
+    """80 image-caption pairs in `root` and `root`_sp.model next to it."""
+    rng = np.random.default_rng(0)
+    words = ["red", "green", "blue", "cat", "dog", "car", "tree", "house", "sky", "sea"]
+    for i in range(80):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:04d}.png")
+        caption = " ".join(rng.choice(words, size=3)) + f" {i}"
+        (root / f"{i:04d}.txt").write_text(caption)
+    captions = [(root / f"{i:04d}.txt").read_text() for i in range(80)]
+    train_sentencepiece(captions, str(root.parent / f"{root.name}_sp"), vocab_size=VOCAB)
+    return str(root)
+
+
+def args(workdir, data_dir, *extra, steps: int, ckpt_every: int):
+    """`clipjax train` of configs/tiny.py (one block per tower) on the pairs, no crops."""
+    return [sys.executable, "-m", "clipjax", "train", "--config",
+            os.path.join(REPO, "configs", "tiny.py"),
+            "--workdir", str(workdir), "--progress=off",
+            f"--config.train.steps={steps}", f"--config.train.ckpt_every={ckpt_every}",
+            "--config.train.log_every=1", "--config.train.peak_flops=1e11",
+            "--config.train.keep=2", "--config.train.keep_every=16",
+            "--config.data.batch_size=16", "--config.data.train.source=folder",
+            f"--config.data.train.path={data_dir}", "--config.data.augment.crop_scale=(1.0,1.0)",
+            "--config.data.augment.crop_ratio=(1.0,1.0)",
+            "--config.model.tokenizer.kind=sentencepiece",
+            f"--config.model.tokenizer.path={data_dir}_sp.model",
+            f"--config.model.text.vocab_size={VOCAB}", "--config.model.image.layers=1",
+            "--config.model.text.layers=1", *extra]
+
+
+def env(devices: int = 8, extra: dict[str, str] | None = None) -> dict[str, str]:
+    out = dict(os.environ)
+    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out["JAX_PLATFORMS"] = "cpu"
+    out["PYTHONPATH"] = REPO + os.pathsep + out.get("PYTHONPATH", "")
+    out.pop("PYTEST_CURRENT_TEST", None)
+    out.update(extra or {})
+    return out
+
+
+def start(cmd, devices: int = 8, cwd: str = REPO, extra_env=None, prefix=()):
+    return subprocess.Popen([*prefix, *cmd], cwd=cwd, env=env(devices, extra_env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout: float = TIMEOUT):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"clipjax train timed out:\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+def local_rows(workdir) -> list[dict]:
+    """The rows of a local metrics.jsonl, stopping at a line being written."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line being written
+                break
+    return rows
+
+
+def wait_for(proc, condition, what, timeout: float = TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read()
+            pytest.fail(f"clipjax train exited ({proc.returncode}) before {what}:\n{out[-3000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
