@@ -1,16 +1,26 @@
 """The training input pipeline: config -> grain iterator of host-local numpy batches.
 
-    source(s) -> ProcessStream (per-process, per-epoch order)  [-> mix by weight]
-      -> random_map(TrainTransform)     decode, crop, tokenize  (seeded by position)
-      -> SkipCountingBatch              b good examples, skip counts attached
-      -> mp_prefetch(data.workers)      worker processes, deterministic interleave
-      -> TrainPipeline                  strips and accumulates the counts; checkpointable
+    source(s) -> ProcessStream (per-process blocks of the global order)  [-> mix by weight]
+      -> _Numbered [start:]                stream index `_n`: the resume position
+      -> map(PositionSeeded(TrainTransform)) decode, crop, tokenize; draws from
+                                           (seed, epoch, global position)
+      -> to_iter_dataset(data.threads)     decode threads
+      -> mp_prefetch(data.workers)         worker processes, read back in stream order
+      -> SkipCountingBatch                 b good examples, skip counts (main process)
+      -> ThreadPrefetch(data.prefetch)     batches ahead
+      -> TrainPipeline                     strips and accumulates the counts; checkpointable
 
 Batches are `{"image": float32 [b,S,S,3], "text": int32 [b,L]}` with
-b = data.batch_size / process_count. The state (`get_state`) is grain's
-iterator state plus the skip counts; `save_args()` / `restore_args()` hand it
-to orbax as the trainer's "data" item, and a restored pipeline yields exactly
-the batches the uninterrupted one would have.
+b = data.batch_size / process_count; process p's batch k is rows p·b .. (p+1)·b of the
+batch a single process would read, augmentation included. Batching happens after the
+workers, so neither the batches nor the saved state depend on data.workers,
+data.threads or data.prefetch.
+
+The state (`get_state`) is `{"next_record": stream index to resume at, "process_index",
+"process_count", "batch_size" (local), "skipped", "first_bad"}`, the same keys for any
+number of workers; `save_args()` / `restore_args()` hand it to orbax as the trainer's
+"data" item, and a restored pipeline yields exactly the batches the uninterrupted one
+would have.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import atexit
 import logging
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -26,12 +37,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from clipjax.data import sources as sources_lib
-from clipjax.data.transform import SkipCountingBatch, TrainTransform
-from clipjax.errors import ConfigError
+from clipjax.data.transform import PositionSeeded, SkipCountingBatch, TrainTransform
+from clipjax.errors import ClipjaxError, ConfigError
 
 log = logging.getLogger(__name__)
 
 LOG_FIRST_BAD = 5
+STATE_KEYS = ("next_record", "process_index", "process_count", "batch_size")
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -40,25 +52,44 @@ def _close_live() -> None:
     """Stops worker processes and threads before the interpreter tears modules down."""
     for p in list(_LIVE):
         p.close()
-        p._parents = ()  # collect grain's iterators now, while their modules still exist
+        p._it = None  # collect grain's iterators now, while their modules still exist
 
 
 class TrainPipeline(grain.DatasetIterator):
-    """Iterator of batches with `.skipped` (reason -> count) and orbax checkpoint args."""
+    """Iterator of batches with `.skipped` (reason -> count) and orbax checkpoint args.
 
-    def __init__(self, inner: grain.DatasetIterator, *, batch_size: int, num_samples: int,
-                 startup_skipped: dict[str, int] | None = None):
-        super().__init__(inner)
+    `make(start)` builds the grain iterator that begins at stream index `start`; it is
+    built on the first `next` (or again after `set_state`), so restoring a state never
+    starts workers for a position that is then thrown away.
+    """
+
+    def __init__(self, make: Callable[[int], grain.DatasetIterator], *, batch_size: int,
+                 num_samples: int, startup_skipped: dict[str, int] | None = None,
+                 process_index: int = 0, process_count: int = 1):
+        super().__init__()
+        self._make = make
+        self._it: grain.DatasetIterator | None = None
+        self.next_record = 0
         self.batch_size = batch_size
+        self.process_index, self.process_count = process_index, process_count
         self.num_samples = num_samples  # one epoch of the (mixed) source, all processes
         self.skipped: dict[str, int] = dict(startup_skipped or {})
         self.first_bad: list[str] = []
         self.keep_bad = LOG_FIRST_BAD  # how many bad keys to keep (and log)
         _LIVE.add(self)
 
+    def _inner(self) -> grain.DatasetIterator:
+        if self._it is None:
+            self._assert_not_closed()
+            self._it = self._make(self.next_record)
+        return self._it
+
     def __next__(self) -> dict[str, np.ndarray]:
         while True:
-            batch = next(self._parent)
+            batch = next(self._inner())
+            nxt = batch.pop("_next")
+            if nxt is not None:
+                self.next_record = int(nxt)
             self._account(batch.pop("_skipped"), batch.pop("_bad"))
             if len(batch["text"]):
                 return batch
@@ -73,13 +104,35 @@ class TrainPipeline(grain.DatasetIterator):
             log.warning("skipping bad sample %s: %s", key, reason)
 
     def get_state(self) -> dict[str, Any]:
-        return {"inner": self._parent.get_state(), "skipped": dict(self.skipped),
-                "first_bad": list(self.first_bad)}
+        return {"next_record": int(self.next_record), "process_index": self.process_index,
+                "process_count": self.process_count, "batch_size": self.batch_size,
+                "skipped": dict(self.skipped), "first_bad": list(self.first_bad)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["inner"])
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise ClipjaxError(
+                f"the saved data-iterator state lacks {missing} (it was written by an older "
+                "clipjax, whose state depended on data.workers); it cannot position this "
+                "pipeline")
+        mine = {"process_index": self.process_index, "process_count": self.process_count,
+                "batch_size": self.batch_size}
+        for k, v in mine.items():
+            if int(state[k]) != v:
+                raise ClipjaxError(
+                    f"the saved data-iterator state was written with {k}={state[k]}, this "
+                    f"pipeline has {k}={v}: its position would mean other samples")
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+        self.next_record = int(state["next_record"])
         self.skipped = {str(k): int(v) for k, v in state["skipped"].items()}
         self.first_bad = list(state["first_bad"])
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+        super().close()
 
     def save_args(self):
         """orbax args that save this iterator's state (grain's checkpoint handler)."""
@@ -93,6 +146,26 @@ class TrainPipeline(grain.DatasetIterator):
         return f"TrainPipeline(batch_size={self.batch_size})"
 
 
+class _Numbered(grain.MapDataset):
+    """Adds `_n`, the record's index in this (per-process, possibly mixed) stream."""
+
+    def __init__(self, parent: grain.MapDataset):
+        super().__init__(parent)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "_Numbered"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        record = dict(self._parent[index])
+        record["_n"] = int(index)
+        return record
+
+
 # --------------------------------------------------------------------------- synthetic
 
 
@@ -103,7 +176,7 @@ class SyntheticBatch:
         self.shape = (batch, image_size, image_size, 3)
         self.length, self.vocab = context_length, vocab_size
 
-    def __call__(self, _index, rng: np.random.Generator) -> dict:
+    def __call__(self, index, rng: np.random.Generator) -> dict:
         b, length = self.shape[0], self.length
         images = rng.standard_normal(self.shape, dtype=np.float32)
         lengths = rng.integers(2, length + 1, size=b)
@@ -112,7 +185,8 @@ class SyntheticBatch:
         text = np.where(pos < lengths[:, None], body, 0).astype(np.int32)
         text[:, 0] = self.vocab - 2
         text[np.arange(b), lengths - 1] = self.vocab - 1
-        return {"image": images, "text": text, "_skipped": {}, "_bad": []}
+        return {"image": images, "text": text, "_skipped": {}, "_bad": [],
+                "_next": int(index) + 1}
 
 
 # --------------------------------------------------------------------------- building
@@ -131,13 +205,16 @@ def _seed(config: ConfigDict) -> int:
 
 
 def build_stream(config: ConfigDict, *, process_index: int = 0, process_count: int = 1,
-                 epochs: int | None = None, shuffle: bool = True):
-    """The per-process MapDataset of raw records (a weighted mix for `mixture`).
+                 epochs: int | None = None, shuffle: bool = True, block: int = 1):
+    """The per-process MapDataset of raw records (a weighted mix for `mixture`);
+    `block` is the local batch size (see `sources.ProcessStream`).
 
     Returns (dataset, num_samples, startup_skipped).
     """
     train = config.data.train
     seed = _seed(config)
+    common = dict(process_index=process_index, process_count=process_count, epochs=epochs,
+                  shuffle=shuffle, block=block)
     if train.source == "mixture":
         comps = sources_lib.mixture_components(train)
         streams, weights, total, skipped = [], [], 0, {}
@@ -145,18 +222,14 @@ def build_stream(config: ConfigDict, *, process_index: int = 0, process_count: i
             src = sources_lib.build_source(section, index_cache=config.data.index_cache,
                                            where=f"data.train.mixture[{i}]")
             streams.append(sources_lib.ProcessStream(
-                src, seed=seed + 7919 * (i + 1), window=section["shuffle_window"],
-                process_index=process_index, process_count=process_count, epochs=epochs,
-                shuffle=shuffle))
+                src, seed=seed + 7919 * (i + 1), window=section["shuffle_window"], **common))
             weights.append(weight)
             total += len(src)
             for k, v in src.startup_skipped.items():
                 skipped[k] = skipped.get(k, 0) + v
         return grain.MapDataset.mix(streams, weights), total, skipped
     src = sources_lib.build_source(train, index_cache=config.data.index_cache)
-    ds = sources_lib.ProcessStream(
-        src, seed=seed, window=train.shuffle_window, process_index=process_index,
-        process_count=process_count, epochs=epochs, shuffle=shuffle)
+    ds = sources_lib.ProcessStream(src, seed=seed, window=train.shuffle_window, **common)
     return ds, len(src), dict(src.startup_skipped)
 
 
@@ -173,41 +246,62 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
     data = config.data
     b = local_batch_size(config, process_count)
     workers = int(data.workers if workers is None else workers)
+    prefetch = int(data.prefetch)
     img = config.model.image
     seed = _seed(config)
     if data.train.source == "synthetic":
         length = sys.maxsize if epochs is None else int(epochs)
         make = SyntheticBatch(b, img.image_size, config.model.text.context_length,
                               config.model.text.vocab_size)
-        ds = grain.MapDataset.range(length).random_map(
+        batches = grain.MapDataset.range(length).random_map(
             make, seed=(seed * 1000003 + process_index) & 0x7FFFFFFF)
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
-        num_samples, skipped = 0, {}
-    else:
-        stream, num_samples, skipped = build_stream(
-            config, process_index=process_index, process_count=process_count, epochs=epochs,
-            shuffle=shuffle)
-        try:
-            transform = TrainTransform(config.model, data.augment,
-                                       max_pixels=data.max_image_pixels, tokenizer=tokenizer)
-        except ValueError as e:
-            raise ConfigError("data.augment", str(e)) from None
-        threads = int(data.threads)
-        ds = stream.random_map(transform, seed=seed)
+
+        def build(start: int) -> grain.DatasetIterator:
+            it = batches[start:].to_iter_dataset(grain.ReadOptions(num_threads=0))
+            if workers > 0:
+                _absl_flags_ready()
+                it = it.mp_prefetch(grain.MultiprocessingOptions(
+                    num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+            elif prefetch > 0:
+                it = grain.experimental.ThreadPrefetchIterDataset(
+                    it, prefetch_buffer_size=prefetch)
+            return iter(it)
+
+        return TrainPipeline(build, batch_size=b, num_samples=0, process_index=process_index,
+                             process_count=process_count)
+
+    stream, num_samples, skipped = build_stream(
+        config, process_index=process_index, process_count=process_count, epochs=epochs,
+        shuffle=shuffle, block=b)
+    try:
+        transform = TrainTransform(config.model, data.augment,
+                                   max_pixels=data.max_image_pixels, tokenizer=tokenizer)
+    except ValueError as e:
+        raise ConfigError("data.augment", str(e)) from None
+    numbered = _Numbered(stream)
+    threads = int(data.threads)
+    mean, std = img.mean, img.std
+    # Ten epochs in a row without one valid sample: the data is broken, not unlucky.
+    give_up = 10 * num_samples + 1000
+
+    def build(start: int) -> grain.DatasetIterator:
+        ds = numbered[start:].map(PositionSeeded(transform))
         it = ds.to_iter_dataset(grain.ReadOptions(
             num_threads=threads, prefetch_buffer_size=max(4 * threads, min(b, 256))))
-        # Ten epochs in a row without one valid sample: the data is broken, not unlucky.
-        it = SkipCountingBatch(it, b, img.mean, img.std, drop_remainder=False,
-                               give_up_after=10 * num_samples + 1000)
-    if workers > 0:
-        _absl_flags_ready()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=max(1, int(data.prefetch))))
-    elif data.prefetch > 0:
-        it = grain.experimental.ThreadPrefetchIterDataset(
-            it, prefetch_buffer_size=int(data.prefetch))
-    return TrainPipeline(iter(it), batch_size=b, num_samples=num_samples,
-                         startup_skipped=skipped)
+        if workers > 0:
+            # Examples (not batches) come back from the workers, interleaved in stream
+            # order: the batches below do not depend on the number of workers.
+            _absl_flags_ready()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=workers,
+                per_worker_buffer_size=min(1024, max(1, prefetch) * max(1, -(-b // workers)))))
+        it = SkipCountingBatch(it, b, mean, std, drop_remainder=False, give_up_after=give_up)
+        if prefetch > 0:
+            it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
+        return iter(it)
+
+    return TrainPipeline(build, batch_size=b, num_samples=num_samples, startup_skipped=skipped,
+                         process_index=process_index, process_count=process_count)
 
 
 def _absl_flags_ready() -> None:

@@ -9,9 +9,10 @@ and `read(shard, i)` -> a raw record::
 `ProcessStream` turns a source into the infinite (or `epochs`-long) stream one
 process reads: epoch e is a permutation drawn from (seed, e) — shard order
 first, then the samples of each window of `window` shards shuffled together —
-and process p of P takes global positions p, p+P, p+2P, ... So processes are
-disjoint, their union is every epoch in turn, and a sample's place depends
-only on (seed, position): what makes resume exact.
+and process p of P takes the p-th block of `block` (its batch size) positions of
+every P·block. So processes are disjoint, their union is every epoch in turn, P
+processes read exactly the global batches of one, and a sample's place (and its
+random draws) depend only on (seed, position): what makes resume exact.
 """
 
 from __future__ import annotations
@@ -373,36 +374,61 @@ class EpochOrder:
 
 
 class ProcessStream(grain.MapDataset):
-    """The records one process reads, in order: global positions p, p+P, p+2P, ...
+    """The records one process reads, in order.
+
+    Global positions are dealt out in blocks of `block` (the local batch size): local
+    index n of process p is position (k·P + p)·block + i, with k, i = divmod(n, block).
+    So the i-th row of batch k of process p is row p·block + i of the global batch k of
+    a single process: P processes concatenated in process order read exactly the
+    batches one process would (bit for bit while no sample is skipped: a skipped sample
+    is refilled from the same process's next block).
+
+    Each record carries `_draw` = (seed, epoch, position in the epoch), the seed of all
+    its random draws, and `_pos`, its global position.
 
     `epochs=None` is infinite (training); an integer gives a finite stream that
     covers this process's share of that many epochs.
     """
 
     def __init__(self, source: Source, *, seed: int, window: int = 0, process_index: int = 0,
-                 process_count: int = 1, epochs: int | None = None, shuffle: bool = True):
+                 process_count: int = 1, epochs: int | None = None, shuffle: bool = True,
+                 block: int = 1):
         super().__init__()
         if len(source) == 0:
             raise ClipjaxError(f"{source.name} source is empty: no samples to read")
         if not 0 <= process_index < process_count:
             raise ClipjaxError(f"process_index {process_index} not in [0, {process_count})")
         self.source = source
+        self.seed = int(seed)
         self.order = EpochOrder(source.sizes, seed, window, shuffle)
         self.p, self.count = process_index, process_count
+        self.block = max(1, int(block))
         if epochs is None:
             self._len = sys.maxsize
         else:
             total = epochs * len(source)
-            self._len = max(0, -(-(total - process_index) // process_count))
+            group = self.count * self.block
+            full, rest = divmod(total, group)
+            self._len = full * self.block + min(max(rest - self.p * self.block, 0), self.block)
 
     def __len__(self) -> int:
         return self._len
 
     def __str__(self) -> str:
-        return f"ProcessStream({self.source.name}, {self.p}/{self.count})"
+        return f"ProcessStream({self.source.name}, {self.p}/{self.count}, block {self.block})"
+
+    def position(self, index: int) -> int:
+        """Local index -> global stream position."""
+        k, i = divmod(int(index), self.block)
+        return (k * self.count + self.p) * self.block + i
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        shard, i = self.order.locate(int(index) * self.count + self.p)
-        return self.source.read(shard, i)
+        pos = self.position(index)
+        shard, i = self.order.locate(pos)
+        record = self.source.read(shard, i)
+        epoch, j = divmod(pos, self.order.total)
+        record["_draw"] = (self.seed, epoch, j)
+        record["_pos"] = pos
+        return record

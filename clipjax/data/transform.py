@@ -6,6 +6,9 @@ check, decode, random resized crop, tokenization. A bad sample becomes a
 travel with the data (and with the iterator state) to the main process.
 `SkipCountingBatch` groups good examples into batches of exactly `batch_size`,
 normalises the pixels once per batch, and attaches the skip counts met on the way.
+
+Random draws come from `sample_rng((seed, epoch, position))`, never from a process-
+or worker-local counter: the batches do not depend on how many hosts read them.
 """
 
 from __future__ import annotations
@@ -70,6 +73,31 @@ class TrainTransform:
             return {"skip": e.reason, "key": record.get("key", "?")}
 
 
+AUGMENT_STREAM = 2  # EpochOrder draws with [seed, epoch] and [seed, epoch, window, 1]
+
+
+def sample_rng(draw) -> np.random.Generator:
+    """The generator of every random draw of one sample (crop, flip, caption choice):
+    a function of (stream seed, epoch, position in the epoch) only, so any number of
+    processes, workers and threads draws the same for the same sample."""
+    seed, epoch, j = (int(v) for v in draw)
+    return np.random.Generator(np.random.PCG64(
+        np.random.SeedSequence([seed, epoch, j, AUGMENT_STREAM])))
+
+
+class PositionSeeded:
+    """(record) -> example: runs `transform(record, sample_rng(record["_draw"]))` and
+    carries the record's stream index `_n` (the pipeline's resume position) along."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, record: dict) -> dict:
+        out = self.transform(record, sample_rng(record["_draw"]))
+        out["_n"] = record["_n"]
+        return out
+
+
 def _merge_counts(into: dict[str, int], more: dict[str, int]) -> None:
     for k, v in more.items():
         into[k] = into.get(k, 0) + int(v)
@@ -85,9 +113,11 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
         self.give_up_after = give_up_after
         self._bad_run = 0
         self._reasons: dict[str, int] = {}
+        self._next_record = -1
 
     def __next__(self) -> dict:
         images, texts, skipped, bad = [], [], {}, []
+        next_record = None
         while len(images) < self.batch_size:
             try:
                 ex = next(self._parent)
@@ -95,6 +125,7 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                 if self.drop_remainder or (not images and not skipped):
                     raise
                 break
+            next_record = int(ex.get("_n", -1)) + 1
             if is_skip(ex):
                 skipped[ex["skip"]] = skipped.get(ex["skip"], 0) + 1
                 if len(bad) < MAX_BAD_KEYS:
@@ -104,8 +135,12 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
             self._bad_run = 0
             images.append(ex["image"])
             texts.append(ex["text"])
+        # `_next`: the stream index after the last record this batch consumed, i.e. where
+        # a pipeline resumed after this batch starts (whatever prefetches downstream).
+        if next_record is not None:
+            self._next_record = next_record
         return {"image": self._pixels(images), "text": _stack_tokens(texts),
-                "_skipped": skipped, "_bad": bad}
+                "_skipped": skipped, "_bad": bad, "_next": next_record}
 
     def _give_up_check(self, reason: str) -> None:
         """An endless stream with no valid sample would otherwise spin forever."""
@@ -122,11 +157,13 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
         return normalize(np.stack(images), self.mean, self.std)
 
     def get_state(self):
-        # A batch is emitted exactly where the parent stands: nothing is pending.
-        return self._parent.get_state()
+        # Cheap (prefetching iterators above copy it after every batch): the pipeline is
+        # positioned by rebuilding it at `next_record`, never through grain's states.
+        return {"next_record": self._next_record}
 
     def set_state(self, state):
-        self._parent.set_state(state)
+        raise NotImplementedError(
+            "SkipCountingBatch is positioned by rebuilding the pipeline at next_record")
 
 
 def _stack_tokens(texts):
