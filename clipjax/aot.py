@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from clipjax import metrics, sharding, topology
+from clipjax import metrics, models, sharding, topology
 from clipjax.train import program as program_lib
 
 
@@ -41,6 +41,7 @@ class CompileReport:
     step_time_lower_bound_s: float  # flops_per_chip / peak bf16 FLOP/s
     compile_seconds: float
     compiler_oom: bool  # libtpu refused it; temp_bytes is what its error said it needs
+    kernels: str = ""  # model.kernels as resolved for the target: cpu | xla
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -52,8 +53,12 @@ def compile_for_topology(config: ConfigDict, name: str, num_slices: int = 1,
     devices = slc.devices()
     mesh = sharding.make_mesh(config.mesh, devices)
     start = time.perf_counter()
-    program = program_lib.build(config, mesh)
-    lowered = program.lower()
+    platform = devices[0].platform
+    # model.kernels=auto picks the kernels of the target (TPU), not of this CPU host.
+    with models.target_platform(platform):
+        kernels = models.resolve_kernels(config.model.kernels)
+        program = program_lib.build(config, mesh)
+        lowered = program.lower()
     try:
         compiled = lowered.compile()
     except Exception as e:  # libtpu refuses programs that overflow HBM: that is the answer
@@ -82,7 +87,7 @@ def compile_for_topology(config: ConfigDict, name: str, num_slices: int = 1,
         hbm_bytes_per_chip=hbm, fits=per_chip <= hbm, flops_per_step=flops,
         flops_per_chip=flops / slc.chips,
         step_time_lower_bound_s=flops / slc.chips / slc.generation.peak_bf16_flops,
-        compile_seconds=seconds, compiler_oom=compiled is None)
+        compile_seconds=seconds, compiler_oom=compiled is None, kernels=kernels)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -126,7 +131,7 @@ def format_report(r: CompileReport) -> str:
     lines = [
         f"topology        {r.topology} ({r.topology_name}, {r.num_slices} slice(s), "
         f"{r.chips} chips)",
-        f"mesh            {r.mesh}   global batch {r.global_batch}",
+        f"mesh            {r.mesh}   global batch {r.global_batch}   kernels {r.kernels}",
         f"arguments       {g(r.argument_bytes)}   (params, optimizer state, batch; per chip)",
         f"temporaries     {g(r.temp_bytes)}",
         f"outputs         {g(r.output_bytes)}   ({g(r.alias_bytes).strip()} donated in place)",

@@ -48,6 +48,9 @@ def default_config() -> ConfigDict:
     c.model.param_dtype = "float32"
     c.model.scan_layers = False
     c.model.remat = "none"  # none | full | dots | dots_no_batch | save_nothing
+    # auto: CPU-tuned projections + head-major attention when compiled for CPU, else
+    # autodiff projections + jax.nn.dot_product_attention (cuDNN on GPU); cpu | xla force one
+    c.model.kernels = "auto"
     c.model.logit_scale_init = math.log(1 / 0.07)
     c.model.use_logit_bias = False  # SigLIP adds a learnable bias
     c.model.logit_bias_init = -10.0
@@ -182,6 +185,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch", "save_nothing"),
+    "model.kernels": ("auto", "cpu", "xla"),
     "model.image.kind": ("vit", "resnet"),
     "model.image.dtype": ("", "float32", "bfloat16", "float16"),
     "model.image.interpolation": ("bicubic", "bilinear", "nearest"),

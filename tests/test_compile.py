@@ -27,6 +27,7 @@ def test_tiny_config_fits_a_v5e_8(capsys, tmp_path):
     assert rc == 0
     assert r["topology"] == "v5e-8" and r["chips"] == 8
     assert r["mesh"] == {"data": 8, "fsdp": 1, "model": 1}
+    assert r["kernels"] == "xla"  # model.kernels=auto resolves for the TPU, not this CPU
     assert r["hbm_bytes_per_chip"] == 16 << 30
     # Params + Adam moments of the tiny model are ~12 MB each; the step needs some scratch.
     assert 30e6 < r["per_chip_bytes"] < 1 << 30

@@ -30,6 +30,7 @@ def test_tiny_loads_and_overrides_apply():
     ("--config.mesh.fsdp=0", "mesh.fsdp"),
     ("--config.data.batch_size=-4", "data.batch_size"),
     ("--config.loss.chunk=4", "loss.chunk"),
+    ("--config.model.kernels=cudnn", "model.kernels"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

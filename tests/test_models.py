@@ -319,3 +319,56 @@ def test_last_block_of_pooled_tokens_equals_the_full_stack(causal):
     g_full = jax.grad(lambda p, x: jnp.sum(full(p, x) ** 2), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(g_pooled), jax.tree.leaves(g_full)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_kernels_auto_resolves_for_the_compile_target():
+    from clipjax.models import resolve_kernels, target_platform
+
+    assert resolve_kernels("auto") == "cpu"  # these tests run on CPU
+    for platform, want in (("tpu", "xla"), ("gpu", "xla"), ("cuda", "xla"), ("cpu", "cpu")):
+        with target_platform(platform):
+            assert resolve_kernels("auto") == want
+            assert resolve_kernels("cpu") == "cpu" and resolve_kernels("xla") == "xla"
+    with target_platform("tpu"):
+        cfg = presets.model_config("tiny-vit")
+        assert build_model(cfg).image.kernels == "xla"
+    assert build_model(presets.model_config("tiny-vit")).text.kernels == "cpu"
+    with pytest.raises(ClipjaxError, match="model.kernels"):
+        resolve_kernels("cudnn")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kernel_paths_give_equal_outputs_and_gradients(tiny, scan):
+    """`model.kernels=cpu` (custom-VJP projections, head-major attention) and `xla`
+    (autodiff, jax.nn.dot_product_attention): same embeddings and gradients."""
+    cfg, params, images, tokens = tiny
+    if scan:
+        params = stack_layers(params)
+    weights = jnp.arange(4.0)
+
+    def run(kernels):
+        c = presets.model_config("tiny-vit")
+        c.kernels, c.scan_layers, c.remat = kernels, scan, "dots" if scan else "none"
+        model = build_model(c)
+
+        def loss(p):
+            out = model.apply({"params": p}, images, tokens)
+            return jnp.sum(out["image_emb"] @ out["text_emb"].T * weights), out
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (loss_cpu, out_cpu), g_cpu = run("cpu")
+    (loss_xla, out_xla), g_xla = run("xla")
+    np.testing.assert_allclose(loss_cpu, loss_xla, rtol=1e-5)
+    for key in ("image_emb", "text_emb"):
+        np.testing.assert_allclose(out_cpu[key], out_xla[key], rtol=1e-5, atol=1e-6)
+    for path, a in jax.tree_util.tree_flatten_with_path(g_cpu)[0]:
+        b = _leaf(g_xla, path)
+        err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+        assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
+def _leaf(tree, path):
+    for p in path:
+        tree = tree[p.key]
+    return tree

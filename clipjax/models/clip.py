@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from clipjax.models.layers import dtype_of, logical
+from clipjax.models.layers import dtype_of, logical, resolve_kernels
 from clipjax.models.resnet import ModifiedResNet
 from clipjax.models.text import TextTransformer
 from clipjax.models.vit import VisionTransformer
@@ -67,6 +67,12 @@ def _tower_dtype(model_cfg: ConfigDict, tower: str):
     return dtype_of(model_cfg[tower].dtype or model_cfg.dtype)
 
 
+def _kernels(model_cfg: ConfigDict) -> str:
+    """`model.kernels` resolved for the platform programs are compiled for now ('auto' ->
+    'cpu' or 'xla'; see `clipjax.models.layers.target_platform`)."""
+    return resolve_kernels(model_cfg.get("kernels", "auto"))
+
+
 def build_image_tower(model_cfg: ConfigDict) -> nn.Module:
     img = model_cfg.image
     kw = dict(dtype=_tower_dtype(model_cfg, "image"), param_dtype=dtype_of(model_cfg.param_dtype),
@@ -80,7 +86,7 @@ def build_image_tower(model_cfg: ConfigDict) -> nn.Module:
         image_size=img.image_size, patch_size=img.patch_size, width=img.width,
         layers=img.layers, heads=img.heads, output_dim=model_cfg.embed_dim,
         mlp_ratio=float(img.mlp_ratio), act=model_cfg.act, scan=model_cfg.scan_layers,
-        remat=model_cfg.remat, **kw)
+        remat=model_cfg.remat, kernels=_kernels(model_cfg), **kw)
 
 
 def build_text_tower(model_cfg: ConfigDict) -> nn.Module:
@@ -89,7 +95,7 @@ def build_text_tower(model_cfg: ConfigDict) -> nn.Module:
         context_length=txt.context_length, vocab_size=txt.vocab_size, width=txt.width,
         layers=txt.layers, heads=txt.heads, output_dim=model_cfg.embed_dim,
         mlp_ratio=float(txt.mlp_ratio), act=model_cfg.act, pool=txt.pool,
-        scan=model_cfg.scan_layers, remat=model_cfg.remat,
+        scan=model_cfg.scan_layers, remat=model_cfg.remat, kernels=_kernels(model_cfg),
         dtype=_tower_dtype(model_cfg, "text"), param_dtype=dtype_of(model_cfg.param_dtype),
         parent=None)
 

@@ -6,13 +6,31 @@ under a mesh once wrapped in logical partitioning, Flax #3676). Every param
 carries logical axis names; activations between blocks are constrained to
 ('batch', 'length', 'embed'). The numerics follow open_clip's
 `ResidualAttentionBlock` (pre-LN, LayerNorm eps 1e-5, fused in-projection).
+
+Two kernel paths compute the same numbers (`model.kernels`):
+
+- `cpu`: projections through a custom VJP whose weight gradient contracts the
+  token axis in place, and head-major attention: what XLA:CPU runs fastest;
+- `xla`: autodiff projections and `jax.nn.dot_product_attention` (cuDNN's fused
+  attention on GPU where it applies, XLA's own on TPU): what accelerators want;
+- `auto` (default): `cpu` when the program is compiled for CPU, else `xla`. The
+  target is the default backend, or the platform `target_platform()` names
+  (`clipjax compile` lowers for TPU on a CPU host).
+
+The `xla` path never merges the `heads` axis of a kernel with another axis (the
+N-D kernels enter `dot_general` whole); the `cpu` path reshapes attention
+kernels to 2-D only while the mesh and rules leave `heads` unsplit. Tensor
+parallelism over `heads` / `mlp` therefore keeps every weight sharded on both
+paths: no all-gather of attention or MLP weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -79,45 +97,124 @@ zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
 
-@jax.custom_vjp
-def _matmul(x, w):
-    return x @ w
+KERNELS = ("auto", "cpu", "xla")
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "clipjax_target_platform", default=None)
 
 
-def _matmul_fwd(x, w):
-    return x @ w, (x, w)
+@contextlib.contextmanager
+def target_platform(platform: str | None) -> Iterator[None]:
+    """Within it, `kernels='auto'` resolves for `platform` ('cpu', 'gpu', 'tpu') instead of
+    the default backend: for programs lowered for devices other than this host's."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
 
 
-def _matmul_bwd(res, dy):
+def compile_platform() -> str:
+    """The platform programs built now are compiled for."""
+    platform = _TARGET_PLATFORM.get()
+    if platform is None:
+        platform = jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def resolve_kernels(kernels: str, platform: str | None = None) -> str:
+    """'auto' -> 'cpu' on CPU, 'xla' elsewhere; 'cpu' / 'xla' as given."""
+    if kernels not in KERNELS:
+        raise ClipjaxError(f"unknown model.kernels {kernels!r}; choose from {', '.join(KERNELS)}")
+    if kernels != "auto":
+        return kernels
+    return "cpu" if (platform or compile_platform()) == "cpu" else "xla"
+
+
+def _dims(n: int, start: int = 0) -> tuple[int, ...]:
+    return tuple(range(start, start + n))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract(x, w, n: int):
+    """x[T, *in] . w[*in, *out] -> [T, *out], `in` being n axes."""
+    return lax.dot_general(x, w, ((_dims(n, 1), _dims(n)), ((), ())))
+
+
+def _contract_fwd(x, w, n):
+    return _contract(x, w, n), (x, w)
+
+
+def _contract_bwd(n, res, dy):
     x, w = res
-    dx = lax.dot_general(dy, w, (((1,), (1,)), ((), ())))
+    out = w.ndim - n
+    dx = lax.dot_general(dy, w, ((_dims(out, 1), _dims(out, n)), ((), ())))
     # The weight gradient contracts the token axis of both operands in place: autodiff's
     # own rule yields dy^T x, which XLA:CPU feeds through a transposed copy of dy.
     dw = lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
     return dx, dw
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_contract.defvjp(_contract_fwd, _contract_bwd)
 
 
-def linear(x, kernel, in_dims: int = 1):
-    """x[..., *in] @ kernel[*in, *out], `in` being the kernel's first `in_dims` axes, as
-    one 2-D matmul over all tokens (whose custom VJP keeps the backward free of the
-    activation transposes autodiff would add)."""
-    lead, contract, out = x.shape[:x.ndim - in_dims], kernel.shape[:in_dims], kernel.shape[in_dims:]
-    k = math.prod(contract)
-    y = _matmul(x.reshape(-1, k), kernel.reshape(k, -1))
-    return y.reshape(*lead, *out)
+def axis_is_sharded(logical_name: str) -> bool:
+    """Whether the current mesh and logical-axis rules split `logical_name` over >1 device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    entry = nn.logical_to_mesh_axes((logical_name,))[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(mesh.shape.get(a, 1) for a in axes) > 1
 
 
-def attention(q, k, v, causal: bool = False, query_index=None):
+def linear(x, kernel, in_dims: int = 1, kernels: str = "auto", merge: bool = True):
+    """x[..., *in] @ kernel[*in, *out], `in` being the kernel's first `in_dims` axes.
+
+    `cpu`: one matmul over all tokens, whose custom VJP keeps the backward free of the
+    activation transposes autodiff adds on XLA:CPU. The kernel is reshaped to 2-D (fastest
+    on XLA:CPU), unless `merge=False`: then it enters whole, N-D, which a kernel whose axes
+    are sharded needs (a reshape merging a sharded axis costs an all-gather).
+    `xla`: `dot_general` over the N-D operands as written, autodiff's backward.
+    """
+    lead = x.shape[:x.ndim - in_dims]
+    if resolve_kernels(kernels) == "xla":
+        return lax.dot_general(x, kernel, ((_dims(in_dims, len(lead)), _dims(in_dims)),
+                                           ((), ())))
+    if merge:
+        k = math.prod(kernel.shape[:in_dims])
+        y = _contract(x.reshape(-1, k), kernel.reshape(k, -1), 1)
+    else:
+        y = _contract(x.reshape(-1, *x.shape[len(lead):]), kernel, in_dims)
+    return y.reshape(*lead, *kernel.shape[in_dims:])
+
+
+def _cudnn_ok(q) -> bool:
+    return compile_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def attention(q, k, v, causal: bool = False, query_index=None, kernels: str = "auto"):
     """Softmax attention of [B, Lq, H, D] queries over [B, L, H, D] keys/values.
 
-    Computed head-major ([B, H, L, D]): on XLA:CPU forward + backward run ~1.4x faster
-    than in the token-major layout of `jax.nn.dot_product_attention`, with the same numerics
-    (f32 logits and softmax). `query_index` [B] gives each query's position when Lq=1
-    (the causal mask then hides the keys after it).
+    `query_index` [B] gives each query's position when Lq=1 (the causal mask then hides
+    the keys after it). Logits and softmax in float32 on either path.
+
+    `cpu`: computed head-major ([B, H, L, D]): on XLA:CPU forward + backward run ~1.4x
+    faster than in the token-major layout of `jax.nn.dot_product_attention`.
+    `xla`: `jax.nn.dot_product_attention`, with cuDNN's fused kernel on GPU for bf16/fp16
+    shapes it takes (XLA's own implementation otherwise, and on TPU).
     """
+    if resolve_kernels(kernels) == "xla":
+        kw = {}
+        if causal and query_index is not None:
+            kw["key_value_seq_lengths"] = (query_index + 1).astype(jnp.int32)
+        else:
+            kw["is_causal"] = causal
+        if _cudnn_ok(q):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kw)
+            except Exception:  # a shape, dtype or GPU cuDNN does not take: XLA's own
+                pass
+        return jax.nn.dot_product_attention(q, k, v, **kw)
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * q.shape[-1] ** -0.5
@@ -154,6 +251,7 @@ class SelfAttention(nn.Module):
     causal: bool = False
     attn_std: float | None = None  # None = width ** -0.5
     out_std: float | None = None
+    kernels: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -176,14 +274,18 @@ class SelfAttention(nn.Module):
         out_bias = self.param("out_bias", logical(zeros, ("embed",)), (self.width,),
                               self.param_dtype)
         x = x.astype(self.dtype)
+        # [B, L, 3, heads, kv]: the heads axis stays its own axis from kernel to output
+        # (the CPU path's 2-D reshape only while heads are not split over devices).
+        ops = dict(kernels=resolve_kernels(self.kernels), merge=not axis_is_sharded("heads"))
         kernel, bias = qkv_kernel.astype(self.dtype), qkv_bias.astype(self.dtype)
         if query_index is None:
-            q, k, v = jnp.moveaxis(linear(x, kernel) + bias, 2, 0)
+            q, k, v = jnp.moveaxis(linear(x, kernel, **ops) + bias, 2, 0)
         else:
-            q = linear(take_tokens(x, query_index), kernel[:, 0]) + bias[0]
-            k, v = jnp.moveaxis(linear(x, kernel[:, 1:]) + bias[1:], 2, 0)
-        y = attention(q, k, v, causal=self.causal, query_index=query_index)
-        y = linear(y, out_kernel.astype(self.dtype), in_dims=2)
+            q = linear(take_tokens(x, query_index), kernel[:, 0], **ops) + bias[0]
+            k, v = jnp.moveaxis(linear(x, kernel[:, 1:], **ops) + bias[1:], 2, 0)
+        y = attention(q, k, v, causal=self.causal, query_index=query_index,
+                      kernels=ops["kernels"])
+        y = linear(y, out_kernel.astype(self.dtype), in_dims=2, **ops)
         return y + out_bias.astype(self.dtype)
 
 
@@ -195,6 +297,7 @@ class Mlp(nn.Module):
     act: str = "quick_gelu"
     fc_std: float | None = None
     proj_std: float | None = None
+    kernels: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -211,9 +314,10 @@ class Mlp(nn.Module):
         proj_bias = self.param("proj_bias", logical(zeros, ("embed",)), (self.width,),
                                self.param_dtype)
         x = x.astype(self.dtype)
-        h = activation(self.act)(linear(x, fc_kernel.astype(self.dtype))
+        kernels = resolve_kernels(self.kernels)
+        h = activation(self.act)(linear(x, fc_kernel.astype(self.dtype), kernels=kernels)
                                  + fc_bias.astype(self.dtype))
-        y = linear(h, proj_kernel.astype(self.dtype))
+        y = linear(h, proj_kernel.astype(self.dtype), kernels=kernels)
         return y + proj_bias.astype(self.dtype)
 
 
@@ -226,6 +330,7 @@ class ResidualBlock(nn.Module):
     act: str = "quick_gelu"
     causal: bool = False
     depth: int = 12  # the stack's depth, for the output-projection init scale
+    kernels: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -236,14 +341,15 @@ class ResidualBlock(nn.Module):
         proj_std = self.width ** -0.5 * (2 * self.depth) ** -0.5
         hidden = int(self.width * self.mlp_ratio)  # open_clip's int() truncation
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ops = dict(kernels=self.kernels, **kw)
         y = layer_norm(name="ln_1", **kw)(x)
         if query_index is not None:
             x = take_tokens(x, query_index)
         x = x + SelfAttention(self.width, self.heads, self.causal, out_std=proj_std,
-                              name="attn", **kw)(y, query_index)
+                              name="attn", **ops)(y, query_index)
         x = constrain(x)
         y = layer_norm(name="ln_2", **kw)(x)
-        x = x + Mlp(self.width, hidden, self.act, proj_std=proj_std, name="mlp", **kw)(y)
+        x = x + Mlp(self.width, hidden, self.act, proj_std=proj_std, name="mlp", **ops)(y)
         return constrain(x), None
 
 
@@ -259,6 +365,7 @@ class Transformer(nn.Module):
     causal: bool = False
     scan: bool = False
     remat: str = "none"
+    kernels: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -272,8 +379,8 @@ class Transformer(nn.Module):
         if policy is not None:
             block = nn.remat(block, policy=policy, prevent_cse=not self.scan)
         kw = dict(width=self.width, heads=self.heads, mlp_ratio=self.mlp_ratio, act=self.act,
-                  causal=self.causal, depth=self.layers, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  causal=self.causal, depth=self.layers, kernels=resolve_kernels(self.kernels),
+                  dtype=self.dtype, param_dtype=self.param_dtype)
         if self.scan:
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -41,6 +41,7 @@ class VisionTransformer(nn.Module):
     act: str = "quick_gelu"
     scan: bool = False
     remat: str = "none"
+    kernels: str = "auto"  # cpu | xla | auto (see clipjax.models.layers)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -63,13 +64,13 @@ class VisionTransformer(nn.Module):
 
         check_image_shape(images, self.image_size)
         x = patchify(images.astype(self.dtype), p)
-        x = linear(x, patch_kernel.astype(self.dtype))
+        x = linear(x, patch_kernel.astype(self.dtype), kernels=self.kernels)
         cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (x.shape[0], 1, w))
         x = jnp.concatenate([cls, x], axis=1) + positional.astype(self.dtype)
         x = constrain(x)
         x = layer_norm(name="ln_pre", **kw)(x)
         x = Transformer(w, self.layers, self.heads, self.mlp_ratio, self.act, causal=False,
-                        scan=self.scan, remat=self.remat, name="transformer",
+                        scan=self.scan, remat=self.remat, kernels=self.kernels, name="transformer",
                         **kw)(x, jnp.zeros(x.shape[0], jnp.int32))
         pooled = layer_norm(name="ln_post", **kw)(x[:, 0])
         return pooled @ proj.astype(self.dtype)
