@@ -52,6 +52,20 @@ class _DropBucketTypeNoise(logging.Filter):
 logging.getLogger("gcsfs").addFilter(_DropBucketTypeNoise())
 
 
+def _no_listing_caches() -> None:
+    """Other processes write the same bucket (the trainer, the evaluator following it,
+    other hosts): a directory listing cached by gcsfs would hide their writes forever.
+    fsspec applies `fsspec.config.conf[protocol]` to every filesystem it creates."""
+    with contextlib.suppress(ImportError):
+        import fsspec.config
+
+        for proto in ("gs", "gcs"):
+            fsspec.config.conf.setdefault(proto, {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_caches()
+
+
 def protocol(path: PathLike) -> str:
     """'gs', 's3', ... for a URI; '' for a local path (including file://)."""
     m = _URI.match(os.fspath(path))
