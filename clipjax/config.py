@@ -155,6 +155,10 @@ def default_config() -> ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.model = 1
     c.sharding_rules = DEFAULT_SHARDING_RULES
+    c.sharding = ConfigDict()
+    # a param dimension its mesh axes do not divide: False = replicate it with a warning,
+    # True = a ConfigError before anything compiles
+    c.sharding.strict = False
 
     c.runtime = ConfigDict()
     c.runtime.distributed = "auto"  # auto | on | off

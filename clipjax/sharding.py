@@ -9,6 +9,7 @@ activations (`batch`, `embed`, `mlp`, ...) to mesh axes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +22,24 @@ from ml_collections import ConfigDict
 
 from clipjax.errors import ConfigError
 
-Rules = tuple[tuple[str, Any], ...]
+
+class ShardingWarning(UserWarning):
+    """A param dimension a mesh axis does not divide: that dimension is replicated."""
+
+
+class Rules(tuple):
+    """Logical-axis rules, the `(logical_name, mesh_axes)` pairs flax expects, carrying
+    `strict`: whether a param the rules cannot shard is an error (`sharding.strict`)."""
+
+    strict: bool = False
+
+    def __new__(cls, pairs=(), strict: bool = False):
+        obj = super().__new__(cls, pairs)
+        obj.strict = bool(strict)
+        return obj
+
+
+_WARNED: set[tuple] = set()
 
 
 def mesh_shape(mesh_cfg: ConfigDict | Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -50,13 +68,14 @@ def make_mesh(mesh_cfg: ConfigDict | Mapping[str, int],
 
 
 def rules(config: ConfigDict) -> Rules:
-    """`config.sharding_rules` as the tuple of pairs flax expects."""
+    """`config.sharding_rules` as the tuple of pairs flax expects (with `sharding.strict`)."""
     out = []
     for name, target in config.sharding_rules:
         if isinstance(target, list):
             target = tuple(target)
         out.append((name, target))
-    return tuple(out)
+    strict = bool(config.sharding.strict) if "sharding" in config else False
+    return Rules(out, strict=strict)
 
 
 def axes_for(logical: str, rule_set: Rules) -> tuple[str, ...]:
@@ -84,29 +103,52 @@ def batch_sharding(mesh: Mesh, axes: Sequence[str], ndim: int = 1) -> NamedShard
     return NamedSharding(mesh, P(lead or None, *([None] * (ndim - 1))))
 
 
-def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, name: str = "",
+             strict: bool = False) -> P:
     """Drops the mesh axes of any dimension they do not divide evenly (that dim is replicated).
 
     Keeps odd-sized params (a 3-channel patch kernel, a 1-d bias) legal under
-    any rule set instead of failing at compile time.
+    any rule set instead of failing at compile time, and says so: a
+    `ShardingWarning` once per param, dimension and mesh axes (FSDP that
+    quietly became replication costs memory), or with `strict` a ConfigError.
     """
     dims = list(spec) + [None] * (len(shape) - len(spec))
     out = []
-    for size, entry in zip(shape, dims):
+    for i, (size, entry) in enumerate(zip(shape, dims)):
         axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
         n = math.prod(mesh.shape[a] for a in axes) if axes else 1
-        out.append(entry if n == 1 or size % n == 0 else None)
+        if n == 1 or size % n == 0:
+            out.append(entry)
+            continue
+        out.append(None)
+        what = f"param {name or '?'} of shape {tuple(shape)}"
+        message = (f"{what}: dimension {i} (size {size}) does not split over mesh axis "
+                   f"{'x'.join(axes)} (size {n}); that dimension is replicated")
+        if strict:
+            raise ConfigError("sharding.strict", message + " (sharding.strict=True)")
+        key = (name, tuple(shape), i, axes, n)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(message, ShardingWarning, stacklevel=2)
     return P(*out)
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rule_set: Rules) -> Any:
-    """NamedShardings for a (boxed, abstract) flax variable tree, from its logical axis names."""
+    """NamedShardings for a (boxed, abstract) flax variable tree, from its logical axis names.
+
+    A dimension the mapped mesh axes do not divide is replicated with a warning, or
+    raises ConfigError when the rules are strict (`sharding.strict`)."""
     specs = nn.get_partition_spec(abstract_boxed)
     mesh_specs = nn.logical_to_mesh(specs, rule_set)
     shapes = nn.meta.unbox(abstract_boxed)
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
-        mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
+    strict = bool(getattr(rule_set, "strict", False))
+
+    def one(path, spec, x):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        return NamedSharding(mesh, fit_spec(spec, x.shape, mesh, name, strict))
+
+    return jax.tree_util.tree_map_with_path(one, mesh_specs, shapes,
+                                            is_leaf=lambda s: isinstance(s, P))
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,

@@ -73,3 +73,44 @@ def test_to_global_assembles_the_batch_over_the_batch_axes():
     assert out["text"].sharding.spec == P(("data", "fsdp"), None)
     assert {s.data.shape for s in out["image"].addressable_shards} == {(2, 2, 2, 3)}
     np.testing.assert_array_equal(jax.device_get(out["text"]), local["text"])
+
+
+def _odd_width_config(strict=False):
+    c = config_lib.load("configs/tiny.py", [])
+    c.mesh.data, c.mesh.fsdp = 1, 8
+    c.model.image.width = 68  # 68 % 8 != 0: the image tower's `embed` dims cannot split
+    c.sharding.strict = strict
+    return config_lib.validate(c)
+
+
+def test_fit_spec_warns_once_per_param_naming_dim_and_axis(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(sharding, "_WARNED", set())
+    mesh = sharding.make_mesh(_cfg(2, 4, 1).mesh)
+    with pytest.warns(sharding.ShardingWarning) as record:
+        assert sharding.fit_spec(P("fsdp", "data"), (8, 3), mesh, "a/kernel") == P("fsdp", None)
+        sharding.fit_spec(P("fsdp", "data"), (8, 3), mesh, "a/kernel")  # said already
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "a/kernel" in message and "dimension 1 (size 3)" in message
+    assert "mesh axis data (size 2)" in message
+    c = _odd_width_config()
+    with pytest.warns(sharding.ShardingWarning) as record:
+        specs = sharding.describe(sharding.logical_shardings(
+            models.abstract_params(c.model), sharding.make_mesh(c.mesh), sharding.rules(c)))
+    messages = [str(r.message) for r in record]
+    assert specs["image/class_embedding"] == str(P(None))
+    assert any("image/class_embedding" in m and "mesh axis fsdp (size 8)" in m
+               for m in messages)
+    assert not any(m.startswith("param text/") for m in messages)  # width 64 splits
+    assert len(messages) == len(set(messages))
+
+
+def test_strict_sharding_is_an_error_before_compile(repo_root, monkeypatch):
+    from clipjax.train import program as program_lib
+
+    monkeypatch.chdir(repo_root)
+    c = _odd_width_config(strict=True)
+    with pytest.raises(ConfigError, match=r"sharding.strict: param image/.* fsdp") as e:
+        program_lib.build(c, sharding.make_mesh(c.mesh))
+    assert e.value.key == "sharding.strict"
