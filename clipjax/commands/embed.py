@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, nargs="+", metavar="PATH_OR_GLOB",
                    help="image files, folders (searched recursively) or quoted glob patterns")
     p.add_argument("--out", required=True, metavar="INDEX_DIR",
-                   help="the cache directory; re-running embeds only new or changed files")
+                   help="the cache directory (local or gs://); re-running embeds only new or "
+                        "changed files")
     p.add_argument("--dtype", choices=("float16", "float32"), default=None,
                    help="storage type of the embeddings (default float16; an existing "
                         "cache keeps its own)")
@@ -35,8 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from clipjax.apps import console
     from clipjax.apps.embedding_cache import EmbeddingCache
+    from clipjax.apps.image_files import require_local
     from clipjax.errors import ClipjaxError
 
+    for spec in args.images:  # before the model loads: images must be local files
+        require_local(spec)
     cache = EmbeddingCache.open_or_empty(args.out, dtype=args.dtype or "float16")
     model_path, step = args.model, args.step
     if model_path is None:

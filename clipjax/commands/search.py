@@ -9,7 +9,7 @@ HELP = "search an embedding cache by text or by image"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, metavar="INDEX_DIR",
-                   help="a cache written by `clipjax embed`")
+                   help="a cache written by `clipjax embed` (local or gs://)")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--query", metavar="TEXT", help="find images matching this text")
     query.add_argument("--image", metavar="FILE", help="find images similar to this image")

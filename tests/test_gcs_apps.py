@@ -1,0 +1,270 @@
+"""The model-using commands against a real GCS API server (fake-gcs-server), with every
+path of the run in the bucket: `clipjax import` from and to the bucket, `clipjax.load`,
+`clipjax export`, `clipjax eval --watch` following checkpoints as they land, and
+`clipjax embed` / `clipjax search` keeping their index there.
+
+Each CLI runs as a subprocess in an empty current directory, with HOME and TMPDIR
+elsewhere; afterwards that directory must still be empty and TMPDIR hold nothing
+of the run: nothing lands on local disk (e.g. a `./gs:/bucket1/...` tree).
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+from apps_data import write_photos
+from eval_data import random_params, save_tiny, tiny_config, write_idx_split
+
+from clipjax.cli import main
+
+PREFIX = f"test_gcs_apps-{uuid.uuid4().hex[:8]}"
+ROOT = f"gs://bucket1/{PREFIX}"
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def bucket_env(gcs):
+    """The GCS environment for this process for the whole module (module fixtures)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in gcs.env().items():
+            mp.setenv(k, v)
+        yield gcs
+
+
+def _clipjax(tmp_path_factory, gcs, *argv, check=True, timeout=TIMEOUT, background=False):
+    """Runs `clipjax ARGV` in a fresh empty cwd (HOME, TMPDIR elsewhere); returns the
+    CompletedProcess (or the Popen with `background`) and the (cwd, tmpdir) to check."""
+    base = tmp_path_factory.mktemp("cli")
+    cwd, home, tmp = base / "cwd", base / "home", base / "tmp"
+    for d in (cwd, home, tmp):
+        d.mkdir()
+    env = {**os.environ, **gcs.env(), "HOME": str(home), "TMPDIR": str(tmp),
+           "MPLCONFIGDIR": str(home / "mpl")}
+    cmd = [sys.executable, "-m", "clipjax", *argv]
+    if background:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        return proc, (cwd, tmp)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _assert_nothing_local(cwd, tmp)
+    return r
+
+
+def _assert_nothing_local(cwd, tmp):
+    assert os.listdir(cwd) == [], sorted(os.listdir(cwd))
+    left = [os.path.join(r, f) for r, _, fs in os.walk(tmp) for f in fs]
+    assert left == [], left
+
+
+def _objects(gcs, sub: str) -> list[str]:
+    """Object names under ROOT/sub, relative to it."""
+    prefix = f"{PREFIX}/{sub}/"
+    return [o[len(prefix):] for o in gcs.objects(prefix)]
+
+
+@pytest.fixture(scope="module")
+def source(bucket_env):
+    """A tiny open_clip .safetensors and its model-config JSON in the bucket (written by
+    the exporter from random params: no torch needed)."""
+    from clipjax.interop.export import write_open_clip
+
+    config = tiny_config()
+    params = random_params(config.model, seed=3)
+    write_open_clip(params, config.model, f"{ROOT}/src/model.safetensors",
+                    model_config_out=f"{ROOT}/src/clipjax-tiny.json")
+    return params, config
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, gcs, source):
+    """`clipjax import` from the bucket to the bucket (one imported model per module)."""
+    workdir = f"{ROOT}/run"
+    r = _clipjax(tmp_path_factory, gcs, "import", "open_clip",
+                 "--model-config", f"{ROOT}/src/clipjax-tiny.json",
+                 "--checkpoint", f"{ROOT}/src/model.safetensors", "--workdir", workdir)
+    return workdir, r
+
+
+def test_import_to_bucket(imported, gcs):
+    workdir, r = imported
+    assert f"-> {workdir}/checkpoints/0" in r.stdout
+    names = _objects(gcs, "run")
+    assert "config.json" in names
+    assert any(n.startswith("checkpoints/0/params/") for n in names), names
+    assert any(n.startswith("checkpoints/0/metadata") for n in names), names
+    meta = json.loads(gcs.object_path(f"{PREFIX}/run/checkpoints/0/metadata/metadata")
+                      .read_text())
+    assert meta["checkpoint"] == f"{ROOT}/src/model.safetensors"
+
+
+def test_load_from_bucket(imported, source, bucket_env):
+    import clipjax
+    from clipjax.inference import ClipModel
+
+    workdir, _ = imported
+    params, _ = source
+    model = clipjax.load(workdir)
+    assert (model.workdir, model.step) == (workdir, 0)
+    same = clipjax.load(f"{workdir}/checkpoints/0")
+    assert (same.workdir, same.step) == (workdir, 0)
+    texts = ["a photo of a cat", "a diagram"]
+    want = ClipModel.from_params(model.config, params).encode_texts(texts)
+    np.testing.assert_allclose(model.encode_texts(texts), want, atol=1e-6)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (2, 24, 20, 3), dtype=np.uint8)
+    np.testing.assert_allclose(model.encode_images(images),
+                               ClipModel.from_params(model.config, params).encode_images(images),
+                               atol=1e-6)
+
+
+def test_export_to_bucket(imported, tmp_path_factory, gcs):
+    from safetensors.numpy import load
+
+    workdir, _ = imported
+    r = _clipjax(tmp_path_factory, gcs, "export", "open_clip", "--workdir", workdir,
+                 "--out", f"{ROOT}/export/model.safetensors",
+                 "--model-config-out", f"{ROOT}/export/clipjax-tiny.json")
+    assert f"wrote {ROOT}/export/model.safetensors" in r.stdout
+    r = _clipjax(tmp_path_factory, gcs, "export", "open_clip", "--workdir", workdir,
+                 "--out", f"{ROOT}/export/dir")
+    assert f"local-dir:{ROOT}/export/dir" in r.stdout
+    assert _objects(gcs, "export") == ["clipjax-tiny.json", "dir/open_clip_config.json",
+                                       "dir/open_clip_model.safetensors", "model.safetensors"]
+    # import (from the bucket) -> export (to the bucket) gives the source tensors exactly.
+    src = load(gcs.object_path(f"{PREFIX}/src/model.safetensors").read_bytes())
+    for name in ("model.safetensors", "dir/open_clip_model.safetensors"):
+        out = load(gcs.object_path(f"{PREFIX}/export/{name}").read_bytes())
+        assert sorted(out) == sorted(src)
+        for k in src:
+            np.testing.assert_array_equal(out[k], src[k], err_msg=k)
+    assert json.loads(gcs.object_path(f"{PREFIX}/export/clipjax-tiny.json").read_text()) == \
+        json.loads(gcs.object_path(f"{PREFIX}/src/clipjax-tiny.json").read_text())
+
+
+def _tb_scalars(data: bytes) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from a TensorBoard event file's bytes (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    out, pos = {}, 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+        pos += 12 + n + 4
+        for v in event.summary.value:
+            out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_eval_watch_follows_a_run_in_the_bucket(tmp_path_factory, gcs, bucket_env):
+    from clipjax import paths
+
+    # The eval data and class names live in the bucket too.
+    local = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    write_idx_split(str(local), "test", rng.integers(0, 255, (12, 20, 20), dtype=np.uint8),
+                    rng.integers(0, 3, 12, dtype=np.uint8))
+    for name in os.listdir(local):
+        paths.write_bytes(f"{ROOT}/idx/{name}", (local / name).read_bytes())
+    paths.write_text(f"{ROOT}/idx/names.txt", "circle\nsquare\ntriangle\n")
+
+    workdir = f"{ROOT}/watched"
+    config = tiny_config(train_steps=20)
+    # Started before the run exists: it waits for config.json, then follows checkpoints/.
+    proc, (cwd, tmp) = _clipjax(
+        tmp_path_factory, gcs, "eval", "--workdir", workdir, "--watch", "--checkpoint", "all",
+        "--poll-interval", "0.5", "--watch-timeout", "120", "--tasks",
+        f"shapes=idx:{ROOT}/idx", "--classnames", f"{ROOT}/idx/names.txt", "--batch-size", "8",
+        "--no-progress", background=True)
+    try:
+        time.sleep(1.0)
+        save_tiny(workdir, 10, config)
+        deadline = time.monotonic() + 120
+        while ("eval/shapes/10.json" not in _objects(gcs, "watched")
+               and time.monotonic() < deadline and proc.poll() is None):
+            time.sleep(0.2)
+        assert "eval/shapes/10.json" in _objects(gcs, "watched"), proc.poll()
+        save_tiny(workdir, 20, config)  # the run's final step: the evaluator stops after it
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-3000:]
+    assert "waiting for" in out and "last" in out, out[-3000:]
+    _assert_nothing_local(cwd, tmp)
+
+    names = _objects(gcs, "watched")
+    for step in (10, 20):
+        rec = json.loads(gcs.object_path(f"{PREFIX}/watched/eval/shapes/{step}.json")
+                         .read_text())
+        assert rec["step"] == step and rec["num_examples"] == 12 and rec["num_classes"] == 3
+        assert any(n.startswith(f"eval/cache/shapes/{step}-") and n.endswith(".npy")
+                   for n in names), names
+    assert "eval/shapes/top1.png" in names
+    png = gcs.object_path(f"{PREFIX}/watched/eval/shapes/top1.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    events = [n for n in names if n.startswith("tb/eval/") and "tfevents" in n]
+    assert events, names
+    scalars = {}
+    for n in events:
+        scalars.update(_tb_scalars(gcs.object_path(f"{PREFIX}/watched/{n}").read_bytes()))
+    assert [s for s, _ in scalars["shapes/top1"]] == [10, 20]
+    # The evaluator wrote nothing into checkpoints/ beyond what the run saved.
+    assert not any(n.startswith("checkpoints/") and "eval" in n for n in names)
+
+
+def test_embed_and_search_keep_the_index_in_the_bucket(imported, tmp_path_factory, gcs):
+    workdir, _ = imported
+    photos_dir = tmp_path_factory.mktemp("photos")
+    photos = write_photos(str(photos_dir))
+    index = f"{ROOT}/index"
+    r = _clipjax(tmp_path_factory, gcs, "embed", "--model", workdir, "--images",
+                 str(photos_dir), "--out", index, "--approximate", "ivf", "--json",
+                 "--no-progress")
+    summary = json.loads(r.stdout)
+    assert summary["index"] == index and summary["embedded"] == summary["count"] == len(photos)
+    assert _objects(gcs, "index") == ["embeddings.npy", "files.json", "ivf.faiss", "ivf.json",
+                                      "meta.json"]
+    meta = json.loads(gcs.object_path(f"{PREFIX}/index/meta.json").read_text())
+    assert meta["model"]["workdir"] == workdir
+    ivf_before = gcs.object_path(f"{PREFIX}/index/ivf.faiss").stat().st_mtime_ns
+
+    # Incremental on the bucket: a re-run (the cache remembers the model) embeds nothing.
+    r = _clipjax(tmp_path_factory, gcs, "embed", "--images", str(photos_dir), "--out", index,
+                 "--json", "--no-progress")
+    again = json.loads(r.stdout)
+    assert again["embedded"] == 0 and again["unchanged"] == len(photos)
+
+    r = _clipjax(tmp_path_factory, gcs, "search", "--index", index, "--image", photos[0],
+                 "--k", "3", "--json", "--approximate",
+                 "--contact-sheet", f"{ROOT}/sheets/hits.png")
+    hits = json.loads(r.stdout)
+    assert hits[0]["path"] == photos[0] and hits[0]["score"] == pytest.approx(1.0, abs=1e-2)
+    assert gcs.object_path(f"{PREFIX}/sheets/hits.png").read_bytes()[:4] == b"\x89PNG"
+    # The saved ivf index of this cache revision was loaded, not rebuilt and re-uploaded.
+    assert gcs.object_path(f"{PREFIX}/index/ivf.faiss").stat().st_mtime_ns == ivf_before
+    r = _clipjax(tmp_path_factory, gcs, "search", "--index", index, "--query", "a cat",
+                 "--k", "4", "--json")
+    assert len(json.loads(r.stdout)) == 4
+
+
+def test_remote_images_are_refused_clearly(imported, gcs, bucket_env, capsys):
+    workdir, _ = imported
+    for argv in (["embed", "--model", workdir, "--images", f"{ROOT}/photos",
+                  "--out", f"{ROOT}/index2"],
+                 ["classify", "--model", workdir, "--labels", "a,b", f"{ROOT}/photos/x.jpg"],
+                 ["calibrate", "--model", workdir, "--labels", "a,b", "--folder",
+                  f"{ROOT}/photos"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{ROOT}/photos" in err and "local files only" in err, err
+        assert "Traceback" not in err
+    assert _objects(gcs, "index2") == []
