@@ -86,7 +86,7 @@ def classify_restore_error(exc: BaseException) -> str:
 def _cause(exc: BaseException) -> str:
     chain = _chain(exc)
     last = chain[-1]
-    first_line = (str(last).splitlines() or [""])[0][:300]
+    first_line = (str(last).splitlines() or [""])[0][:600]
     return f"{type(last).__name__}: {first_line}"
 
 
@@ -120,6 +120,7 @@ class Checkpointer:
         self.discarded: list[int] = []
         steps = checkpoint.finalized_steps(self.workdir)
         for step in reversed(steps):
+            self._check_readable(step)
             kind = self._kind(step)
             if kind == "params":
                 raise ClipjaxError(
@@ -158,6 +159,22 @@ class Checkpointer:
                             delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def _check_readable(self, step: int) -> None:
+        """A local file this process may not read stops the run before orbax starts its
+        reads (which would fail the same way, but from inside a dozen async tasks)."""
+        root = checkpoint.step_dir(self.workdir, step)
+        if paths.is_remote(root):
+            return  # a bucket's permissions show in its listing and in the restore's error
+        for f in paths.walk_files(root):
+            try:
+                with paths.open(f, "rb"):
+                    pass
+            except PermissionError as e:
+                raise ClipjaxError(
+                    f"{root}: cannot restore (PermissionError: {f} is not readable by this "
+                    "user); nothing was moved or deleted. Fix the permissions and run "
+                    "again.") from e
 
     def _check_data_state(self, step: int, pipeline) -> None:
         """A data-iterator state of another structure (grain's state differs between
