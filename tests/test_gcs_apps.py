@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -56,6 +57,20 @@ def _clipjax(tmp_path_factory, gcs, *argv, check=True, timeout=TIMEOUT, backgrou
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _assert_nothing_local(cwd, tmp)
     return r
+
+
+def _in_process(tmp_path_factory, capsys, *argv):
+    """`clipjax ARGV` in this process (the module's GCS environment) from a fresh empty
+    cwd, which must stay empty; returns stdout."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        capsys.readouterr()
+        code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert os.listdir(cwd) == []
+    return out
 
 
 def _assert_nothing_local(cwd, tmp):
@@ -125,7 +140,7 @@ def test_load_from_bucket(imported, source, bucket_env):
                                atol=1e-6)
 
 
-def test_export_to_bucket(imported, tmp_path_factory, gcs):
+def test_export_to_bucket(imported, tmp_path_factory, gcs, bucket_env, capsys):
     from safetensors.numpy import load
 
     workdir, _ = imported
@@ -133,9 +148,9 @@ def test_export_to_bucket(imported, tmp_path_factory, gcs):
                  "--out", f"{ROOT}/export/model.safetensors",
                  "--model-config-out", f"{ROOT}/export/clipjax-tiny.json")
     assert f"wrote {ROOT}/export/model.safetensors" in r.stdout
-    r = _clipjax(tmp_path_factory, gcs, "export", "open_clip", "--workdir", workdir,
-                 "--out", f"{ROOT}/export/dir")
-    assert f"local-dir:{ROOT}/export/dir" in r.stdout
+    out = _in_process(tmp_path_factory, capsys, "export", "open_clip", "--workdir", workdir,
+                      "--out", f"{ROOT}/export/dir")
+    assert f"local-dir:{ROOT}/export/dir" in out
     assert _objects(gcs, "export") == ["clipjax-tiny.json", "dir/open_clip_config.json",
                                        "dir/open_clip_model.safetensors", "model.safetensors"]
     # import (from the bucket) -> export (to the bucket) gives the source tensors exactly.
@@ -183,8 +198,15 @@ def test_eval_watch_follows_a_run_in_the_bucket(tmp_path_factory, gcs, bucket_en
         "--poll-interval", "0.5", "--watch-timeout", "120", "--tasks",
         f"shapes=idx:{ROOT}/idx", "--classnames", f"{ROOT}/idx/names.txt", "--batch-size", "8",
         "--no-progress", background=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 120
+        while not any("waiting for" in x for x in lines) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.1)
+        assert any(f"waiting for {workdir}/config.json" in x for x in lines), lines
         save_tiny(workdir, 10, config)
         deadline = time.monotonic() + 120
         while ("eval/shapes/10.json" not in _objects(gcs, "watched")
@@ -192,13 +214,15 @@ def test_eval_watch_follows_a_run_in_the_bucket(tmp_path_factory, gcs, bucket_en
             time.sleep(0.2)
         assert "eval/shapes/10.json" in _objects(gcs, "watched"), proc.poll()
         save_tiny(workdir, 20, config)  # the run's final step: the evaluator stops after it
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+    reader.join(10)
+    out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
-    assert "waiting for" in out and "last" in out, out[-3000:]
+    assert "step 20 is the run's last" in out, out[-3000:]
     _assert_nothing_local(cwd, tmp)
 
     names = _objects(gcs, "watched")
@@ -221,7 +245,8 @@ def test_eval_watch_follows_a_run_in_the_bucket(tmp_path_factory, gcs, bucket_en
     assert not any(n.startswith("checkpoints/") and "eval" in n for n in names)
 
 
-def test_embed_and_search_keep_the_index_in_the_bucket(imported, tmp_path_factory, gcs):
+def test_embed_and_search_keep_the_index_in_the_bucket(imported, tmp_path_factory, gcs,
+                                                       bucket_env, capsys):
     workdir, _ = imported
     photos_dir = tmp_path_factory.mktemp("photos")
     photos = write_photos(str(photos_dir))
@@ -238,9 +263,8 @@ def test_embed_and_search_keep_the_index_in_the_bucket(imported, tmp_path_factor
     ivf_before = gcs.object_path(f"{PREFIX}/index/ivf.faiss").stat().st_mtime_ns
 
     # Incremental on the bucket: a re-run (the cache remembers the model) embeds nothing.
-    r = _clipjax(tmp_path_factory, gcs, "embed", "--images", str(photos_dir), "--out", index,
-                 "--json", "--no-progress")
-    again = json.loads(r.stdout)
+    again = json.loads(_in_process(tmp_path_factory, capsys, "embed", "--images",
+                                   str(photos_dir), "--out", index, "--json", "--no-progress"))
     assert again["embedded"] == 0 and again["unchanged"] == len(photos)
 
     r = _clipjax(tmp_path_factory, gcs, "search", "--index", index, "--image", photos[0],
@@ -251,9 +275,9 @@ def test_embed_and_search_keep_the_index_in_the_bucket(imported, tmp_path_factor
     assert gcs.object_path(f"{PREFIX}/sheets/hits.png").read_bytes()[:4] == b"\x89PNG"
     # The saved ivf index of this cache revision was loaded, not rebuilt and re-uploaded.
     assert gcs.object_path(f"{PREFIX}/index/ivf.faiss").stat().st_mtime_ns == ivf_before
-    r = _clipjax(tmp_path_factory, gcs, "search", "--index", index, "--query", "a cat",
-                 "--k", "4", "--json")
-    assert len(json.loads(r.stdout)) == 4
+    hits = json.loads(_in_process(tmp_path_factory, capsys, "search", "--index", index,
+                                  "--query", "a cat", "--k", "4", "--json"))
+    assert len(hits) == 4
 
 
 def test_remote_images_are_refused_clearly(imported, gcs, bucket_env, capsys):
@@ -263,7 +287,7 @@ def test_remote_images_are_refused_clearly(imported, gcs, bucket_env, capsys):
                  ["classify", "--model", workdir, "--labels", "a,b", f"{ROOT}/photos/x.jpg"],
                  ["calibrate", "--model", workdir, "--labels", "a,b", "--folder",
                   f"{ROOT}/photos"]):
-        assert main(argv) == 2, argv
+        assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert f"{ROOT}/photos" in err and "local files only" in err, err
         assert "Traceback" not in err
