@@ -4,10 +4,16 @@ Renting a pod to find an out-of-memory at step 0 costs hours; XLA's TPU
 compiler (libtpu) runs on a CPU host and reports per-chip memory, so
 `clipjax compile` builds the same `TrainProgram` that `clipjax train` runs,
 over the abstract devices of the requested topology, and compiles it.
+
+Multi-slice (`--num-slices N`): the mesh gets its `slices` axis over the
+slices' devices (`mesh.slices = N`), and the report lists, from the compiled
+HLO, the collectives whose replica groups span slices: the traffic that crosses
+the data-center network.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -17,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from clipjax import metrics, models, sharding, topology
+from clipjax import hlo, metrics, models, sharding, topology
+from clipjax.errors import ConfigError
 from clipjax.train import program as program_lib
 
 
@@ -42,13 +49,33 @@ class CompileReport:
     compile_seconds: float
     compiler_oom: bool  # libtpu refused it; temp_bytes is what its error said it needs
     kernels: str = ""  # model.kernels as resolved for the target: cpu | xla
+    # Collectives whose replica groups span slices (data-center network), from the HLO:
+    # {kind: {"count": instructions, "bytes": result bytes per chip, summed}}; a collective
+    # inside a loop (scanned layers, micro-batches) runs once per iteration.
+    cross_slice: dict = dataclasses.field(default_factory=dict)
+    cross_slice_ops: list = dataclasses.field(default_factory=list)  # "kind shape", largest first
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def _with_slices(config: ConfigDict, num_slices: int) -> tuple[ConfigDict, int]:
+    """The config with `mesh.slices` = the slice count (`--num-slices`, or the config's own)."""
+    configured = int(config.mesh.get("slices", 1))
+    if num_slices == 1 and configured > 1:
+        num_slices = configured
+    elif configured not in (1, num_slices):
+        raise ConfigError("mesh.slices", f"{configured} differs from --num-slices {num_slices}")
+    if configured == num_slices:
+        return config, num_slices
+    config = copy.deepcopy(config)
+    config.mesh.slices = num_slices
+    return config, num_slices
+
+
 def compile_for_topology(config: ConfigDict, name: str, num_slices: int = 1,
                          save: str | None = None) -> CompileReport:
+    config, num_slices = _with_slices(config, num_slices)
     slc = topology.parse(name, num_slices)
     devices = slc.devices()
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -78,6 +105,11 @@ def compile_for_topology(config: ConfigDict, name: str, num_slices: int = 1,
     per_chip = args + out - alias + temp
     flops = metrics.model_flops_per_step(config)
     hbm = slc.generation.hbm_bytes
+    cross, ops = {}, []
+    if compiled is not None and num_slices > 1:
+        found = hlo.crossing(hlo.collectives(compiled.as_text()), hlo.slice_coordinates(mesh))
+        cross = hlo.summarize(found)
+        ops = [f"{c.kind} {c.shape}" for c in sorted(found, key=lambda c: -c.bytes)[:20]]
     if save and compiled is not None:
         _serialize(compiled, save)
     return CompileReport(
@@ -87,7 +119,8 @@ def compile_for_topology(config: ConfigDict, name: str, num_slices: int = 1,
         hbm_bytes_per_chip=hbm, fits=per_chip <= hbm, flops_per_step=flops,
         flops_per_chip=flops / slc.chips,
         step_time_lower_bound_s=flops / slc.chips / slc.generation.peak_bf16_flops,
-        compile_seconds=seconds, compiler_oom=compiled is None, kernels=kernels)
+        compile_seconds=seconds, compiler_oom=compiled is None, kernels=kernels,
+        cross_slice=cross, cross_slice_ops=ops)
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -121,6 +154,14 @@ def _serialize(compiled, path: str) -> None:
         pickle.dump(payload, f)
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} GiB"
+
+
 def format_report(r: CompileReport) -> str:
     gib = 1 << 30
 
@@ -141,4 +182,13 @@ def format_report(r: CompileReport) -> str:
         f"(>= {r.step_time_lower_bound_s * 1e3:.1f} ms/step at peak bf16)",
         f"compiled in     {r.compile_seconds:.1f} s",
     ]
+    if r.num_slices > 1:
+        if r.cross_slice:
+            kinds = ", ".join(f"{k} x{v['count']} ({_human(v['bytes'])})"
+                              for k, v in sorted(r.cross_slice.items()))
+            lines.append(f"across slices   {kinds}   (DCN; bytes per chip per run)")
+            lines.extend(f"                {op}" for op in r.cross_slice_ops[:5])
+        else:
+            lines.append("across slices   " + ("unknown (not compiled)" if r.compiler_oom
+                                                else "no collective crosses the slices"))
     return "\n".join(lines)

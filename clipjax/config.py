@@ -23,7 +23,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # Flax logical-axis rules: one rule set serves data parallel, FSDP and tensor
 # parallel; the mesh axis sizes (config.mesh) decide which of them is active.
 DEFAULT_SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("slices", "data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "model"),
     ("heads", "model"),
@@ -154,6 +154,9 @@ def default_config() -> ConfigDict:
     c.mesh.data = -1  # -1 = the devices the other axes leave
     c.mesh.fsdp = 1
     c.mesh.model = 1
+    # multi-slice: a leading `slices` axis over the data-center network (batch over it,
+    # params replicated across slices); clipjax compile --num-slices N sets it
+    c.mesh.slices = 1
     c.sharding_rules = DEFAULT_SHARDING_RULES
     c.sharding = ConfigDict()
     # a param dimension its mesh axes do not divide: False = replicate it with a warning,
@@ -334,6 +337,8 @@ def _check_mesh(c: ConfigDict) -> None:
             raise ConfigError(f"mesh.{k}", f"must be a positive size or -1; got {v}")
     if sum(v == -1 for v in sizes.values()) > 1:
         raise ConfigError("mesh", "at most one axis may be -1")
+    if sizes.get("slices", 1) < 1:
+        raise ConfigError("mesh.slices", f"must be a positive slice count; got {sizes['slices']}")
     axes = set(sizes)
     for i, rule in enumerate(c.sharding_rules):
         if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
@@ -345,6 +350,14 @@ def _check_mesh(c: ConfigDict) -> None:
             if t is not None and t not in axes:
                 raise ConfigError(
                     f"sharding_rules[{i}]", f"mesh axis {t!r} is not one of {sorted(axes)}")
+    if sizes.get("slices", 1) > 1:
+        batch = [t for name, t in c.sharding_rules if name == "batch"][:1]
+        targets = batch[0] if batch else None
+        targets = (targets,) if isinstance(targets, str) or targets is None else tuple(targets)
+        if "slices" not in targets:
+            raise ConfigError(
+                "sharding_rules", f"mesh.slices={sizes['slices']} but the 'batch' rule does not "
+                "split the batch over the 'slices' axis (every slice would repeat the work)")
     if c.data.batch_size % c.train.grad_accum:
         raise ConfigError(
             "train.grad_accum",

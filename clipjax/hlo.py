@@ -5,6 +5,12 @@ span slices (those run over the data-center network); tests use the same
 reading to assert that tensor parallelism gathers no weights. In an SPMD
 program the ids in `replica_groups` / `source_target_pairs` are partition ids,
 i.e. positions in the mesh's flattened device array.
+
+On TPU multi-slice programs XLA lowers the data-center-network part of a
+collective to host-transfer `send`s for the MegaScale runtime (attributes
+`_xla_megascale_transfer_type="ALL_REDUCE"`, `_xla_host_transfer_rendezvous=
+"all-reduce.95_0"`), next to an ICI collective within each slice: those sends
+are read as collectives with `dcn=True`, one per rendezvous.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
 _ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+_SEND = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*\((?P<shape>.+?)\)\s+send\(")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +42,7 @@ class Collective:
     groups: tuple[tuple[int, ...], ...]  # partition ids communicating (pairs for a permute)
     all_devices: bool = False  # replica_groups={}: one group of every partition
     async_start: bool = False  # an `-start` op, whose result tuple holds input and output
+    dcn: bool = False  # a MegaScale (data-center network) transfer of a multi-slice program
 
     @property
     def bytes(self) -> int:
@@ -49,6 +57,8 @@ class Collective:
     def spans(self, coord: np.ndarray) -> bool:
         """Whether some group holds partitions with different `coord` (a value per
         partition id, e.g. its slice index or its position along one mesh axis)."""
+        if self.dcn:
+            return True
         if self.all_devices:
             return len(set(coord.tolist())) > 1
         return any(len({int(coord[i]) for i in g}) > 1 for g in self.groups)
@@ -89,16 +99,36 @@ def _groups(line: str) -> tuple[tuple[tuple[int, ...], ...], bool]:
 
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective instruction of the HLO module (async pairs counted once, by start)."""
-    out = []
+    out, seen = [], set()
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
         if not m:
+            dcn = _megascale_send(line)
+            if dcn is not None and dcn.name not in seen:
+                seen.add(dcn.name)
+                out.append(dcn)
             continue
         groups, everyone = _groups(line)
         out.append(Collective(name=m.group("name"), kind=m.group("kind"),
                               shape=m.group("shape"), groups=groups, all_devices=everyone,
                               async_start=bool(m.group("start"))))
     return out
+
+
+def _megascale_send(line: str) -> Collective | None:
+    """A host-transfer `send` to the MegaScale runtime: the DCN leg of a collective."""
+    if "_xla_megascale_transfer_type=" not in line:
+        return None
+    m = _SEND.match(line)
+    kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+    if not m or not kind:
+        return None
+    name = re.search(r'_xla_host_transfer_rendezvous="([^"]+)"', line)
+    array = _ARRAY.search(m.group("shape"))
+    return Collective(name=name.group(1) if name else m.group("name"),
+                      kind=kind.group(1).lower().replace("_", "-"),
+                      shape=f"{array.group(1)}[{array.group(2)}]" if array else "",
+                      groups=(), dcn=True)
 
 
 def axis_coordinates(mesh, axis: str) -> np.ndarray:

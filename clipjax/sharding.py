@@ -4,6 +4,15 @@ Data parallel, FSDP and tensor parallel are not code paths here: they are the
 mesh axis sizes in `config.mesh` together with the logical-axis rules in
 `config.sharding_rules`, which map the names models put on their params and
 activations (`batch`, `embed`, `mlp`, ...) to mesh axes.
+
+Multi-slice: `mesh.slices > 1` adds a leading `slices` mesh axis, the one that
+crosses the data-center network. The default rules put the batch over it and
+nothing else, so params and optimizer state are replicated across slices and
+sharded within one (FSDP/TP traffic stays on the slice's ICI; only gradient
+reductions and the loss cross slices). TPU devices that carry `slice_index`
+are laid out with `mesh_utils.create_hybrid_device_mesh`; other devices (the
+emulated CPU mesh, GPU hosts) split into pseudo-slices of consecutive devices.
+With `mesh.slices = 1` the mesh has no `slices` axis and rules naming it drop it.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
@@ -40,6 +50,7 @@ class Rules(tuple):
 
 
 _WARNED: set[tuple] = set()
+SLICES = "slices"  # the mesh axis over slices (data-center network)
 
 
 def mesh_shape(mesh_cfg: ConfigDict | Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -57,22 +68,53 @@ def mesh_shape(mesh_cfg: ConfigDict | Mapping[str, int], num_devices: int) -> di
     return sizes
 
 
+def device_slices(devices: Sequence[Any]) -> int:
+    """How many slices the devices span (TPU multi-slice devices carry `slice_index`)."""
+    ids = {getattr(d, "slice_index", None) for d in devices}
+    ids.discard(None)
+    return max(len(ids), 1)
+
+
 def make_mesh(mesh_cfg: ConfigDict | Mapping[str, int],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all (global) devices with Auto axes, which linen's logical constraints need."""
+    """A mesh over all (global) devices with Auto axes, which linen's logical constraints need.
+
+    Axes in config order; with `slices > 1`, a leading `slices` axis: over the devices'
+    own slices (hybrid ICI x DCN mesh) where they carry `slice_index`, else over
+    consecutive blocks of `devices` (pseudo-slices)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(mesh_cfg, len(devices))
-    names = tuple(sizes)
-    return jax.make_mesh(tuple(sizes.values()), names,
-                         axis_types=(AxisType.Auto,) * len(names), devices=devices)
+    slices = sizes.pop(SLICES, 1)
+    spanned = device_slices(devices)
+    if spanned > 1 and spanned != slices:
+        raise ConfigError("mesh.slices", f"the {len(devices)} devices span {spanned} slices; "
+                          f"set mesh.slices={spanned} (got {slices})")
+    names, shape = tuple(sizes), tuple(sizes.values())
+    if slices == 1:
+        return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names),
+                             devices=devices)
+    names, auto = (SLICES, *names), (AxisType.Auto,) * (len(names) + 1)
+    if spanned > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (1, *shape), (slices, *(1,) * len(shape)), devices,
+            allow_split_physical_axes=True)
+        return Mesh(grid, names, axis_types=auto)
+    return jax.make_mesh((slices, *shape), names, axis_types=auto, devices=devices)
 
 
 def rules(config: ConfigDict) -> Rules:
-    """`config.sharding_rules` as the tuple of pairs flax expects (with `sharding.strict`)."""
+    """`config.sharding_rules` as the tuple of pairs flax expects (with `sharding.strict`);
+    the `slices` axis leaves the rules when the mesh has none (`mesh.slices = 1`)."""
+    single = int(config.mesh.get(SLICES, 1)) == 1
     out = []
     for name, target in config.sharding_rules:
-        if isinstance(target, list):
-            target = tuple(target)
+        if isinstance(target, list | tuple):
+            kept = tuple(t for t in target if not (single and t == SLICES))
+            if len(kept) < len(target):
+                kept = kept[0] if len(kept) == 1 else (kept or None)
+            target = kept
+        elif single and target == SLICES:
+            target = None
         out.append((name, target))
     strict = bool(config.sharding.strict) if "sharding" in config else False
     return Rules(out, strict=strict)

@@ -47,3 +47,27 @@ def test_an_oversized_model_does_not_fit(capsys):
 def test_unknown_topology_is_a_clear_error(capsys):
     assert cli.main(["compile", "--config", TINY, "--topology", "v9-8"]) == 1
     assert "unknown TPU topology 'v9-8'" in capsys.readouterr().err
+
+
+def test_two_slices_of_v5e_16(capsys):
+    """Multi-slice: a hybrid ICI x DCN mesh over 2 x 16 chips; batch over the slices,
+    params replicated across them; the report names the collectives crossing slices."""
+    rc = cli.main(["compile", "--config", TINY, "--topology", "v5e-16", "--num-slices", "2",
+                   "--config.data.batch_size=64", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    r = json.loads(captured.out.strip().splitlines()[-1])
+    assert r["num_slices"] == 2 and r["chips"] == 32
+    assert r["mesh"] == {"slices": 2, "data": 16, "fsdp": 1, "model": 1}
+    assert r["fits"] is True and 0 < r["per_chip_bytes"] < 1 << 30
+    # Gradients are summed over both slices; the loss gathers embeddings across them.
+    assert r["cross_slice"]["all-reduce"]["count"] > 0
+    assert r["cross_slice"]["all-gather"]["count"] > 0
+    assert r["cross_slice_ops"]
+
+
+def test_num_slices_disagreeing_with_the_config_is_an_error(capsys):
+    rc = cli.main(["compile", "--config", TINY, "--topology", "v5e-16", "--num-slices", "2",
+                   "--config.mesh.slices=4"])
+    assert rc == 2
+    assert "mesh.slices: 4 differs from --num-slices 2" in capsys.readouterr().err

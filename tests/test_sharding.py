@@ -20,8 +20,13 @@ def _cfg(data=-1, fsdp=1, model=1):
 
 
 def test_minus_one_takes_the_rest():
-    assert sharding.mesh_shape(_cfg().mesh, 8) == {"data": 8, "fsdp": 1, "model": 1}
-    assert sharding.mesh_shape(_cfg(2, -1, 2).mesh, 8) == {"data": 2, "fsdp": 2, "model": 2}
+    assert sharding.mesh_shape(_cfg().mesh, 8) == {"data": 8, "fsdp": 1, "model": 1,
+                                                   "slices": 1}
+    assert sharding.mesh_shape(_cfg(2, -1, 2).mesh, 8) == {"data": 2, "fsdp": 2, "model": 2,
+                                                           "slices": 1}
+    c = _cfg()
+    c.mesh.slices = 2
+    assert sharding.mesh_shape(c.mesh, 8) == {"data": 4, "fsdp": 1, "model": 1, "slices": 2}
     with pytest.raises(ConfigError, match="mesh"):
         sharding.mesh_shape(_cfg(3, 1, 1).mesh, 8)
     with pytest.raises(ConfigError, match="mesh"):
