@@ -292,3 +292,26 @@ def test_remote_images_are_refused_clearly(imported, gcs, bucket_env, capsys):
         assert f"{ROOT}/photos" in err and "local files only" in err, err
         assert "Traceback" not in err
     assert _objects(gcs, "index2") == []
+
+
+def test_weights_files_read_from_the_bucket(tmp_path, bucket_env):
+    """safetensors (with BF16) and PyTorch zip files give the same state_dict from the
+    bucket (read from bytes) as from local disk (memory-mapped / opened by path)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from clipjax import paths
+    from clipjax.interop.weights_file import read_state_dict
+
+    sd = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16),
+          "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save(sd, str(tmp_path / "w.pt"))
+    for name in ("w.safetensors", "w.pt"):
+        paths.write_bytes(f"{ROOT}/weights/{name}", (tmp_path / name).read_bytes())
+        local = read_state_dict(str(tmp_path / name))
+        remote = read_state_dict(f"{ROOT}/weights/{name}")
+        assert sorted(remote) == sorted(local) == ["a", "b", "c"]
+        for k in local:
+            assert remote[k].dtype == local[k].dtype, (name, k)
+            np.testing.assert_array_equal(remote[k], local[k], err_msg=f"{name}:{k}")

@@ -10,8 +10,8 @@ HELP = "evaluate checkpoints zero-shot (classification, retrieval, linear probe)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", required=True,
-                   help="a training or `clipjax import` workdir (reads config.json and "
-                        "checkpoints/, writes eval/ and tb/eval/)")
+                   help="a training or `clipjax import` workdir, relative, absolute or gs:// "
+                        "(reads config.json and checkpoints/, writes eval/ and tb/eval/)")
     p.add_argument("--checkpoint", default=None, metavar="STEP|latest|all",
                    help="which existing checkpoints to evaluate (default: latest)")
     p.add_argument("--watch", action="store_true", default=None,
