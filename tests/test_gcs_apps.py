@@ -315,3 +315,59 @@ def test_weights_files_read_from_the_bucket(tmp_path, bucket_env):
         for k in local:
             assert remote[k].dtype == local[k].dtype, (name, k)
             np.testing.assert_array_equal(remote[k], local[k], err_msg=f"{name}:{k}")
+
+
+def test_eval_sources_read_from_the_bucket(tmp_path, bucket_env):
+    """Class folders, CLIP_benchmark wds shards and caption folders give the same examples
+    from the bucket as from local disk."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from clipjax import paths
+    from clipjax.evaluate import tasks
+
+    def png(v):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((12, 12, 3), v, np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    for name in ("red_fox", "blue_jay"):
+        d = tmp_path / "folder" / "test" / name
+        d.mkdir(parents=True)
+        for i in range(3):
+            (d / f"{i}.png").write_bytes(png(10 * i + len(name)))
+    wds = tmp_path / "wds"
+    (wds / "test").mkdir(parents=True)
+    (wds / "classnames.txt").write_text("cat\ndog\n")
+    (wds / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    for shard in range(2):
+        with tarfile.open(wds / "test" / f"{shard}.tar", "w") as tar:
+            for i in range(3):
+                for ext, data in (("webp", png(i * 40 + shard)), ("cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(f"s{shard}{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    for i in range(2):
+        (caps / f"{i}.png").write_bytes(png(i))
+        (caps / f"{i}.txt").write_text(f"caption a{i}\ncaption b{i}\n")
+    for r, _, files in os.walk(tmp_path):
+        for f in files:
+            rel = os.path.relpath(os.path.join(r, f), tmp_path)
+            paths.write_bytes(f"{ROOT}/evaldata/{rel}", open(os.path.join(r, f), "rb").read())
+
+    def examples(spec):
+        task = tasks.parse(spec)
+        src = tasks.load_source(task, "test")
+        rows = [(np.asarray(im).tobytes(), y) for im, y in src]
+        names = tasks.classnames_for(task, src) if src.kind == "classification" else None
+        return len(src), src.kind, names, rows
+
+    for kind, sub in (("folder", "folder"), ("wds", "wds"), ("captions", "caps")):
+        local = examples(f"{kind}:{tmp_path / sub}")
+        remote = examples(f"{kind}:{ROOT}/evaldata/{sub}")
+        assert remote == local, kind
+        assert local[0] in (6, 2)
