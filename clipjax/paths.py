@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import logging
 import os
 import re
@@ -417,14 +418,66 @@ def open_ranges(path: PathLike) -> RangeReader:
     return RangeReader(path)
 
 
-def open_sequential(path: PathLike, block_size: int = 16 << 20) -> IO[bytes]:
+def open_sequential(path: PathLike, block_size: int = 16 << 20,
+                    size: int | None = None) -> IO[bytes]:
     """A binary file for one front-to-back pass (e.g. reading a tar's headers): remotely
-    a readahead file fetching `block_size` bytes per request; locally a plain file."""
+    a readahead file fetching `block_size` bytes per request (`size`, when known, saves
+    the metadata requests of opening it); locally a plain file."""
     s = canonical(path)
     if not is_remote(s):
         return _builtin_open(s, "rb")
+    if size is not None and size >= 0:
+        return _BlockFile(RangeReader(s), int(size), block_size)
     fs, key = _url_fs(s)
     return fs.open(key, "rb", block_size=block_size, cache_type="readahead")
+
+
+class _BlockFile(io.RawIOBase):
+    """A read-only file over ranged reads of `block_size` bytes: a forward pass costs
+    ceil(size / block_size) GETs and no metadata request (the size is known)."""
+
+    def __init__(self, ranges: RangeReader, size: int, block_size: int):
+        super().__init__()
+        self._ranges, self._size, self._block = ranges, size, max(1, int(block_size))
+        self._pos, self._start, self._buf = 0, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + int(offset))
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        out = []
+        while self._pos < end:
+            if not self._start <= self._pos < self._start + len(self._buf):
+                self._start = self._pos
+                self._buf = self._ranges.read(self._pos, min(self._block, self._size - self._pos))
+                if not self._buf:
+                    break
+            lo = self._pos - self._start
+            chunk = self._buf[lo:lo + end - self._pos]
+            out.append(chunk)
+            self._pos += len(chunk)
+        return b"".join(out)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._ranges.close()
+        super().close()
 
 
 @contextlib.contextmanager

@@ -214,7 +214,7 @@ def index_shard(url: str, cache_dir: str = "", identity: tuple[int, str] | None 
         if cached is not None:
             return cached
     # One front-to-back pass over the headers; remotely in 16 MiB requests.
-    with paths.open_sequential(url) as f:
+    with paths.open_sequential(url, size=size) as f:
         samples, _ = index_tarfile(f, size)
     if cache:
         rows = json.dumps([[s.key, s.members, s.truncated] for s in samples]).encode()
