@@ -129,6 +129,10 @@ def test_training_reads_bucket_shards_like_local_ones(local, gcs_env, tokenizer,
     got, p = read_all(make_config(urls(base)), tokenizer)
     assert_same_batches(want, got)
     assert sum(len(b["text"]) for b in got) == N_SHARDS * PER_SHARD and not p.skipped
+    if with_sizes:  # decode worker processes read the bucket too (their own gcsfs clients)
+        c = make_config(urls(base))
+        c.data.workers = 2
+        assert_same_batches(want, read_all(c, tokenizer)[0])
     assert os.listdir(tmp_path) == []
     # Two processes reading the bucket together equal the one-process read, augmentation on.
     halves = [read_all(make_config(urls(base)), tokenizer, process_index=i, process_count=2)[0]
