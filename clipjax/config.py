@@ -168,6 +168,10 @@ def default_config() -> ConfigDict:
     c.runtime.coordinator_address = ""
     c.runtime.num_processes = 0
     c.runtime.process_id = -1
+    # JAX's persistent compilation cache (local or gs://): a restarted or resumed run loads
+    # its compiled step instead of compiling it again. '' = off (JAX_COMPILATION_CACHE_DIR
+    # in the environment still applies)
+    c.runtime.compilation_cache = ""
 
     c.eval = ConfigDict()
     c.eval.tasks = ""  # comma-separated built-in task names

@@ -103,3 +103,15 @@ def initialize_distributed(runtime_cfg, environ: dict[str, str] | None = None) -
         kwargs["process_id"] = int(runtime_cfg.process_id)
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Points JAX's persistent compilation cache at `directory` (any path clipjax reads:
+    relative, absolute or gs://); '' leaves JAX's own setting alone."""
+    if not directory:
+        return
+    import jax
+
+    from clipjax import paths
+
+    jax.config.update("jax_compilation_cache_dir", paths.to_str(directory))

@@ -89,3 +89,19 @@ def test_peak_flops_on_cpu_is_per_process():
     assert metrics.peak_flops_total(1e9, devices) == 1e9 * jax.process_count()
     measured = metrics.measure_peak_flops(seconds=0.05)
     assert 1e8 < measured < 1e14 and math.isfinite(measured)
+
+
+def test_compilation_cache_key_points_jax_at_the_resolved_directory(tmp_path, monkeypatch):
+    import jax
+
+    from clipjax import runtime
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.chdir(tmp_path)
+    try:
+        runtime.use_compilation_cache("cache/jax")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "jax")
+        runtime.use_compilation_cache("")  # off: JAX's own setting stays
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -32,6 +32,7 @@ def run(args) -> int:
     from clipjax import runtime
 
     runtime.initialize_distributed(config.runtime)
+    runtime.use_compilation_cache(config.runtime.compilation_cache)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from clipjax.train import loop
 
