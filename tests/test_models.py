@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 
-from clipjax.config import DEFAULT_SHARDING_RULES, default_config, validate
+from clipjax import sharding
+from clipjax.config import default_config, validate
 from clipjax.errors import ClipjaxError
 from clipjax.interop import peer
 from clipjax.interop.state_dict import rules
@@ -185,7 +186,7 @@ def test_sharded_apply_on_mesh_matches(tiny):
     ref = _encode(cfg, params, images, tokens)
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"),
                          axis_types=(AxisType.Auto,) * 3)
-    rules_ = DEFAULT_SHARDING_RULES
+    rules_ = sharding.rules(default_config())  # the defaults, for a mesh of one slice
     specs = nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, rules_)
     sharded = jax.device_put(params, specs)
     qkv = sharded["image"]["transformer"]["blocks_0"]["attn"]["qkv_kernel"]
@@ -263,8 +264,9 @@ def test_flops_of_known_architectures():
     full_text = flops.text_flops(b32, pooled_last=False)
     assert 0.9 * full_image < flops.image_flops(b32) < 0.95 * full_image
     assert 0.9 * full_text < flops.text_flops(b32) < 0.95 * full_text
-    b32.scan_layers = True  # a scanned stack computes every token in every block
-    assert flops.image_flops(b32) == full_image
+    pooled_image = flops.image_flops(b32)
+    b32.scan_layers = True  # scanned: L-1 layers in the scan, then the pooled last block
+    assert flops.image_flops(b32) == pooled_image
     assert 2 * 4.38e9 < full_image < 2 * 4.44e9
     assert 2 * 2.94e9 < full_text < 2 * 3.0e9
     l14 = presets.model_config("ViT-L-14")
@@ -372,3 +374,30 @@ def _leaf(tree, path):
     for p in path:
         tree = tree[p.key]
     return tree
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_scanned_stack_with_pooled_last_block_equals_the_full_scan(causal):
+    """Scanned: L-1 layers in the scan over params [:L-1], the last block unrolled over
+    [L-1] on the pooled tokens only; the stacked param tree is unchanged, and outputs and
+    gradients equal the full scanned stack followed by the gather."""
+    from clipjax.models.layers import Transformer, take_tokens
+
+    stack = Transformer(32, 3, 4, causal=causal, scan=True, remat="dots")
+    x = jax.random.normal(jax.random.key(0), (3, 7, 32))
+    index = jnp.array([0, 6, 3])
+    params = nn.meta.unbox(stack.init(jax.random.key(1), x))
+    assert params["params"]["blocks"]["attn"]["qkv_kernel"].shape == (3, 32, 3, 4, 8)
+
+    def pooled(p, x):
+        return stack.apply(p, x, index)
+
+    def full(p, x):
+        return take_tokens(stack.apply(p, x), index)
+
+    assert pooled(params, x).shape == (3, 1, 32)
+    np.testing.assert_allclose(pooled(params, x), full(params, x), rtol=1e-5, atol=1e-6)
+    grad = lambda f: jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x) ** 2), argnums=(0, 1)))
+    g_pooled, g_full = grad(pooled)(params, x), grad(full)(params, x)
+    for a, b in zip(jax.tree.leaves(g_pooled), jax.tree.leaves(g_full)):
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), np.abs(a - b).max()

@@ -2,8 +2,9 @@
 
 Counts matrix multiplies and convolutions only, 2*m*n*k each (one multiply-add
 is two FLOPs), as the model computes them: full T x T attention scores even where
-the causal mask discards half, one query in the ResNet's attention pool, and
-(unrolled towers) one query through the last block, whose other tokens feed nothing.
+the causal mask discards half, one query in the ResNet's attention pool, and one
+query through a transformer's last block, whose other tokens feed nothing (unrolled
+or scanned: a scanned stack runs L-1 layers in its scan, then the pooled last block).
 Element-wise work (LayerNorm, activations, softmax) is left out, as in the
 usual 6*N*D accounting; a train step is ~3x the forward pass (backward = 2x).
 """
@@ -65,9 +66,9 @@ def resnet_flops(img: ConfigDict, embed_dim: int) -> float:
 
 
 def _pooled_last(model_cfg: ConfigDict, pooled_last: bool | None) -> bool:
-    """Unrolled towers compute only the pooled token through the last block; a scanned
-    stack (one body for every layer) computes them all."""
-    return not model_cfg.scan_layers if pooled_last is None else pooled_last
+    """Towers compute only the pooled token through the last block, unrolled or scanned
+    (L-1 scanned layers, then the last block on the pooled tokens)."""
+    return True if pooled_last is None else pooled_last
 
 
 def image_flops(model_cfg: ConfigDict, pooled_last: bool | None = None) -> float:

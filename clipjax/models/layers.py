@@ -372,24 +372,44 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x, pool_index=None):
         """[B, L, W] -> [B, L, W]; with `pool_index` [B], each sequence's token at that
-        position: [B, 1, W]. Unrolled, the last block then computes only those tokens
-        (its other outputs feed nothing): the same result, ~1/layers less work."""
-        block = ResidualBlock
+        position: [B, 1, W]. The last block then computes only those tokens (its other
+        outputs feed nothing): the same result, ~1/layers less work. Scanned, that is
+        L-1 scanned layers over the stacked params [:L-1], then the last block unrolled
+        over [L-1]: the param tree (one stacked `blocks`) is the full stack's."""
         policy = remat_policy(self.remat)
-        if policy is not None:
-            block = nn.remat(block, policy=policy, prevent_cse=not self.scan)
+
+        def block(in_scan: bool):
+            if policy is None:
+                return ResidualBlock
+            return nn.remat(ResidualBlock, policy=policy, prevent_cse=not in_scan)
+
+        def stack(length: int):
+            return nn.scan(
+                block(True), variable_axes={"params": 0}, split_rngs={"params": True},
+                length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
         kw = dict(width=self.width, heads=self.heads, mlp_ratio=self.mlp_ratio, act=self.act,
                   causal=self.causal, depth=self.layers, kernels=resolve_kernels(self.kernels),
                   dtype=self.dtype, param_dtype=self.param_dtype)
         if self.scan:
-            stack = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                length=self.layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(**kw, name="blocks")(x, None)
-            return x if pool_index is None else take_tokens(x, pool_index)
+            if pool_index is None or self.is_initializing() or not self.layers:
+                x, _ = stack(self.layers)(**kw, name="blocks")(x, None)
+                return x if pool_index is None else take_tokens(x, pool_index)
+            return self._scanned_then_pooled(x, pool_index, stack, block(False), kw)
         if not self.layers and pool_index is not None:
             return take_tokens(x, pool_index)
         for i in range(self.layers):
             last = i == self.layers - 1 and pool_index is not None
-            x, _ = block(**kw, name=f"blocks_{i}")(x, None, pool_index if last else None)
+            x, _ = block(self.scan)(**kw, name=f"blocks_{i}")(x, None, pool_index if last else None)
+        return x
+
+    def _scanned_then_pooled(self, x, pool_index, stack, last_block, kw):
+        """The stacked `blocks` params applied as L-1 scanned layers + the pooled last one."""
+        params = self.variables["params"]["blocks"]
+        n = self.layers
+        if n > 1:
+            head = jax.tree.map(lambda p: p[:n - 1], params)
+            x, _ = stack(n - 1)(**kw, parent=None).apply({"params": head}, x, None)
+        last = jax.tree.map(lambda p: p[n - 1], params)
+        x, _ = last_block(**kw, parent=None).apply({"params": last}, x, None, pool_index)
         return x
