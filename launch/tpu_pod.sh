@@ -61,13 +61,15 @@ create() {
 }
 
 setup() {
-  # Ship the committed tree (not local junk), then install with the TPU extra on every worker.
+  # Ship the committed tree (not local junk), then install exactly '.[tpu]' on every worker:
+  # jax[tpu] + gcsfs (gs:// workdirs and shards); the CLIP BPE vocabulary ships inside
+  # clipjax. tests/test_install_tpu.py installs the same into a fresh venv and trains.
   local tarball=/tmp/clipjax-src.tar.gz
   run git -C "$REPO" archive --format=tar.gz -o "$tarball" HEAD
   gcloud_tpu tpu-vm scp "$tarball" "$TPU_NAME:clipjax-src.tar.gz" --worker=all
   on_all_workers "mkdir -p $REMOTE_DIR && tar -xzf clipjax-src.tar.gz -C $REMOTE_DIR && \
 cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
-.venv/bin/pip install -q -e '.[tpu]'"
+.venv/bin/pip install -q '.[tpu]'"
 }
 
 train() {

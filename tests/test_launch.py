@@ -52,7 +52,10 @@ def test_tpu_pod_script_dry_run(repo_root):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("gcloud compute tpus queued-resources create t1 --node-id=t1")
     assert "--spot" in lines[0] and "--accelerator-type=v5litepod-16" in lines[0]
-    assert any("--worker=all" in line and "pip install" in line for line in lines)
+    installs = [line for line in lines if "--worker=all" in line and "pip install" in line]
+    assert len(installs) == 1 and ".venv/bin/pip install -q '.[tpu]'" in installs[0]
+    assert installs[0].count("pip install") == 2  # pip itself, then exactly '.[tpu]'
+    assert "[test]" not in installs[0] and "open-clip" not in installs[0]
     assert "clipjax train --config configs/tiny.py --workdir gs://b/r" in lines[-1]
 
 
