@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scale_table.py [--models vit_b16,vit_l14]
         [--batches 32768,262144,1048576] [--topologies v5e-256,v5p-128] [--impls dense,ring]
+        [--kernels auto|cpu|xla] [--remat dots_no_batch|full|...] [--num-slices N]
 
 Each cell compiles the real train step (`clipjax.aot`, the code behind
 `clipjax compile`) for the slice on this CPU with libtpu and prints per-chip
@@ -9,7 +10,9 @@ memory against HBM. A cell that does not fit is compiled again with GradCache
 accumulation (`train.grad_accum`) so each micro-batch is `--micro-batch` (32k by
 default, OpenAI's batch): the answer a user needs is "fits, with accum N".
 Compiling a ViT-L step takes a minute or more per cell on a 2-core machine:
-pick a subset with the flags.
+pick a subset with the flags. `--kernels` (default auto: the XLA kernels on TPU)
+and `--remat` change the recipe for every cell; `configs/clip_vit_l14.py` is the
+ViT-L/14 recipe that fits a v5e-256 at every batch.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ MODELS = {"vit_b16": "ViT-B-16-quickgelu", "vit_l14": "ViT-L-14-quickgelu"}
 GIB = float(1 << 30)
 
 
-def _config(model: str, batch: int, impl: str, accum: int = 1):
+def _config(model: str, batch: int, impl: str, accum: int = 1, kernels: str = "auto",
+            remat: str = ""):
     """OpenAI's recipe (configs/clip_vit_b16.py) around the model: bf16, scanned, remat,
     params and optimizer state sharded 4-way (fsdp), the batch over every chip."""
     from clipjax import config as config_lib
@@ -38,17 +42,22 @@ def _config(model: str, batch: int, impl: str, accum: int = 1):
     c.mesh.data, c.mesh.fsdp = -1, 4
     c.loss.impl = impl
     c.train.grad_accum = accum
+    c.model.kernels = kernels
+    if remat:
+        c.model.remat = remat
     return config_lib.validate(c)
 
 
-def _cell(model: str, topo: str, batch: int, impl: str, accum: int) -> bool:
+def _cell(model: str, topo: str, batch: int, impl: str, accum: int, kernels: str = "auto",
+          remat: str = "", num_slices: int = 1) -> bool:
     """Compiles and prints one cell; True when it did not fit (worth a retry)."""
     from clipjax import aot
 
     start = time.perf_counter()
     head = f"{model:8} {topo:9} {batch:8d} {impl:5} {accum:5d}"
     try:
-        r = aot.compile_for_topology(_config(model, batch, impl, accum), topo)
+        r = aot.compile_for_topology(_config(model, batch, impl, accum, kernels, remat), topo,
+                                     num_slices)
     except Exception as e:  # one cell's failure is a result, not the end
         print(f"{head} error: {str(e).splitlines()[0][:80]}", flush=True)
         return False
@@ -65,6 +74,11 @@ def main() -> int:
     p.add_argument("--batches", default="32768,262144,1048576")
     p.add_argument("--topologies", default="v5e-256,v5p-128")
     p.add_argument("--impls", default="dense,ring")
+    p.add_argument("--kernels", default="auto", choices=("auto", "cpu", "xla"),
+                   help="model.kernels (auto: the XLA kernels, as the TPU target resolves it)")
+    p.add_argument("--remat", default="", help="model.remat for every cell (default: the "
+                                               "recipe's dots_no_batch)")
+    p.add_argument("--num-slices", type=int, default=1, help="multi-slice (DCN) count")
     p.add_argument("--micro-batch", type=int, default=32768,
                    help="retry a cell that does not fit with accumulation down to this micro-batch"
                         " (0: no retry)")
@@ -79,7 +93,8 @@ def main() -> int:
                     if args.micro_batch and batch > args.micro_batch:
                         accums.append(batch // args.micro_batch)
                     for accum in accums:
-                        if not _cell(model, topo, batch, impl, accum):
+                        if not _cell(model, topo, batch, impl, accum, args.kernels,
+                                     args.remat, args.num_slices):
                             break
     print("* XLA's TPU compiler refused the program for lack of HBM; temp = what it asked for")
     return 0

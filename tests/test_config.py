@@ -57,3 +57,13 @@ def test_json_round_trip_is_exact():
     c = config_lib.load(f"{TINY}:resnet", ["--config.data.augment.crop_scale=(0.5,1.0)"])
     back = config_lib.from_json(config_lib.to_json(c))
     assert back.to_dict() == c.to_dict()
+
+
+def test_vit_l14_recipe_scales_with_the_batch_arg():
+    c = config_lib.load("configs/clip_vit_l14.py")
+    assert c.data.batch_size == 32768 and c.train.grad_accum == 2
+    assert c.model.image.width == 1024 and c.model.act == "quick_gelu"
+    big = config_lib.load("configs/clip_vit_l14.py:1048576")
+    assert big.data.batch_size == 1048576 and big.train.grad_accum == 64
+    assert big.model.remat == "full" and big.loss.impl == "ring"
+    assert big.model.kernels == "auto" and big.model.scan_layers
