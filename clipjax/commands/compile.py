@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topology", required=True,
                         help="Cloud TPU slice: v5e-256, v5p-128, v4-64, v6e-64, ... or an "
                              "explicit shape such as v5p:4x4x12")
-    parser.add_argument("--num-slices", type=int, default=1, help="multi-slice (DCN) count")
+    parser.add_argument("--num-slices", type=int, default=1,
+                        help="multi-slice: N slices joined by the data-center network (sets "
+                             "mesh.slices; the report lists the collectives that cross them)")
     parser.add_argument("--save", metavar="FILE", help="serialize the compiled executable")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
