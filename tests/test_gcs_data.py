@@ -257,6 +257,14 @@ def test_tokenizer_files_on_the_bucket(gcs_env, tmp_path):
     from_bucket = build_tokenizer(cfg)(captions[:6])
     cfg.tokenizer.path = here
     np.testing.assert_array_equal(from_bucket, build_tokenizer(cfg)(captions[:6]))
+    # The CLI, caption file and model both on the bucket (the file is streamed).
+    from clipjax import cli
+
+    paths.write_text("gs://bucket1/test_tokenizer/captions.txt", "\n".join(captions))
+    assert cli.main(["tokenizer", "train", "--input", "gs://bucket1/test_tokenizer/captions.txt",
+                     "--out", "gs://bucket1/test_tokenizer/cli", "--vocab-size", "40"]) == 0
+    cfg.tokenizer.path = "gs://bucket1/test_tokenizer/cli.model"
+    assert build_tokenizer(cfg).vocab_size == 40
 
 
 def test_tfds_data_dir_on_the_bucket_reaches_tfds(gcs_env, tmp_path):

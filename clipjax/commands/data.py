@@ -16,9 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "prints {\"samples\": N_ok, \"skipped\": {reason: count}, \"first_bad\": [keys]}. "
         "Exit status 0 when at least one sample is valid.")
     c.add_argument("urls", help="shards: brace pattern or '::'-separated list "
-                   "(/data/{00000..00099}.tar), or an image folder")
+                   "(/data/{00000..00099}.tar, gs://bucket/shards/{00000..00099}.tar), or an "
+                   "image folder (local or gs://)")
     c.add_argument("--tokenizer", default="clip_bpe", choices=("clip_bpe", "sentencepiece"))
-    c.add_argument("--tokenizer-path", default="", help="vocab (.txt.gz) or .model file")
+    c.add_argument("--tokenizer-path", default="",
+                   help="vocab (.txt.gz) or .model file, local or gs:// (default: the CLIP BPE "
+                   "vocab that ships in clipjax)")
     c.add_argument("--image-size", type=int, default=224)
     c.add_argument("--context-length", type=int, default=77)
     c.add_argument("--max-image-pixels", type=int, default=None,
@@ -33,13 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "through templates (one per image, drawn with --seed).")
     v.add_argument("--from", dest="source", required=True, choices=("folder", "tfds", "idx"))
     v.add_argument("input", nargs="?", default="",
-                   help="folder path | tfds dataset name | IDX directory "
+                   help="folder path | tfds dataset name | IDX directory, local or gs:// "
                    "(default /usr/share/datasets/fashion-mnist)")
     v.add_argument("--to", default="webdataset", choices=("webdataset",))
-    v.add_argument("--out", required=True, help="output directory")
+    v.add_argument("--out", required=True,
+                   help="output directory, local or gs:// (each shard appears whole)")
     v.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
     v.add_argument("--split", default="train", help="tfds split, or idx train|test")
-    v.add_argument("--data-dir", default="", help="tfds data_dir")
+    v.add_argument("--data-dir", default="", help="tfds data_dir (local or gs://)")
     v.add_argument("--image-key", default="image")
     v.add_argument("--caption-key", default="caption")
     v.add_argument("--label-key", default="label")

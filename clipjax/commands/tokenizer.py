@@ -15,8 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "vocab_size-1 = end of text (the highest id, as CLIP's argmax pooling "
                     "expects). Use it with --config.model.tokenizer.kind=sentencepiece "
                     "--config.model.tokenizer.path=PREFIX.model.")
-    train.add_argument("--input", required=True, help="text file, one caption per line")
-    train.add_argument("--out", required=True, metavar="PREFIX", help="output path prefix")
+    train.add_argument("--input", required=True,
+                       help="text file, one caption per line (local or gs://)")
+    train.add_argument("--out", required=True, metavar="PREFIX",
+                       help="output path prefix (local or gs://)")
     train.add_argument("--vocab-size", type=int, default=32000)
     train.add_argument("--model-type", default="unigram",
                        choices=("unigram", "bpe", "char", "word"))
