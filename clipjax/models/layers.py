@@ -405,7 +405,7 @@ class Transformer(nn.Module):
 
     def _scanned_then_pooled(self, x, pool_index, stack, last_block, kw):
         """The stacked `blocks` params applied as L-1 scanned layers + the pooled last one."""
-        params = self.variables["params"]["blocks"]
+        params = nn.meta.unbox(self.variables["params"]["blocks"])
         n = self.layers
         if n > 1:
             head = jax.tree.map(lambda p: p[:n - 1], params)
