@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import io
 import logging
 import os
 import re
@@ -153,10 +152,11 @@ def listdir(path: PathLike) -> list[str]:
     return sorted(c.name for c in p.iterdir())
 
 
-def makedirs(path: PathLike) -> epath.Path:
-    p = resolve(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+def makedirs(path: PathLike) -> None:
+    """Creates a local directory (and its parents); object stores need none."""
+    s = canonical(path)
+    if not is_remote(s):
+        os.makedirs(s, exist_ok=True)
 
 
 def read_bytes(path: PathLike) -> bytes:
@@ -169,16 +169,8 @@ def read_text(path: PathLike) -> str:
 
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Replaces the file whole: readers see the old content or the new, never a part."""
-    p = resolve(path)
-    if is_remote(p):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)  # one object upload: atomic on object stores
-        invalidate_cache(p.parent)
-        return
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f".{p.name}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(os.fspath(tmp), os.fspath(p))
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def write_text(path: PathLike, text: str) -> None:
@@ -204,23 +196,15 @@ def size(path: PathLike) -> int:
 def mtime_token(path: PathLike) -> str:
     """Something that changes when the file changes (mtime locally; generation/etag
     remotely), for caches keyed by a file's identity."""
-    p = resolve(path)
-    if not is_remote(p):
-        return str(os.stat(os.fspath(p)).st_mtime_ns)
-    fs, key = fsspec_fs(p)
-    info = fs.info(key)
-    for k in ("generation", "etag", "ETag", "mtime", "LastModified", "updated"):
-        if info.get(k):
-            return str(info[k])
-    return ""
+    return identity(path)[1]
 
 
 def fsspec_fs(path: PathLike):
-    """(fsspec filesystem, path within it) for a resolved path, for streaming and
-    ranged reads."""
+    """(fsspec filesystem, path within it) for a path of any protocol, for streaming,
+    ranged reads and listings."""
     import fsspec
 
-    s = to_str(path)
+    s = canonical(path)
     try:
         return fsspec.core.url_to_fs(s)
     except (ImportError, ValueError) as e:
@@ -282,20 +266,6 @@ def canonical(path: PathLike) -> str:
     return os.path.abspath(os.path.expanduser(s))
 
 
-def _url_fs(s: str):
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(s)
-    except (ImportError, ValueError) as e:
-        raise ClipjaxError(f"{s}: cannot open this URL scheme: {e}") from e
-
-
-def _drop_listing_cache(fs, key: str) -> None:
-    with contextlib.suppress(Exception):
-        fs.invalidate_cache(key)
-
-
 def _token(info: dict) -> str:
     for k in ("generation", "etag", "ETag", "mtime", "LastModified", "updated"):
         if info.get(k):
@@ -309,7 +279,7 @@ def identity(path: PathLike) -> tuple[int, str]:
     if not is_remote(s):
         st = os.stat(s)
         return int(st.st_size), str(st.st_mtime_ns)
-    fs, key = _url_fs(s)
+    fs, key = fsspec_fs(s)
     info = fs.info(key)
     return int(info["size"]), _token(info)
 
@@ -327,8 +297,8 @@ def dir_identities(path: PathLike) -> dict[str, tuple[int, str]]:
                         st = e.stat()
                         out[e.name] = (int(st.st_size), str(st.st_mtime_ns))
         return out
-    fs, key = _url_fs(s)
-    _drop_listing_cache(fs, key)
+    invalidate_cache(s)
+    fs, key = fsspec_fs(s)
     try:
         entries = fs.ls(key, detail=True)
     except FileNotFoundError:
@@ -350,8 +320,8 @@ def list_files(path: PathLike) -> list[str]:
             for f in files:
                 out.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
         return sorted(out)
-    fs, key = _url_fs(s)
-    _drop_listing_cache(fs, key)
+    invalidate_cache(s)
+    fs, key = fsspec_fs(s)
     base = key.rstrip("/") + "/"
     return sorted(k[len(base):] for k in fs.find(key) if k.startswith(base))
 
@@ -364,7 +334,7 @@ def read_bytes_or_none(path: PathLike) -> bytes | None:
         if not is_remote(s):
             with _builtin_open(s, "rb") as f:
                 return f.read()
-        fs, key = _url_fs(s)
+        fs, key = fsspec_fs(s)
         return fs.cat_file(key)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
@@ -374,110 +344,6 @@ def _builtin_open(path: str, mode: str = "rb", **kw) -> IO[Any]:
     import builtins
 
     return builtins.open(path, mode, **kw)
-
-
-class RangeReader:
-    """Positioned reads of one file, each exactly the bytes asked for.
-
-    Locally `os.pread` on one descriptor (thread-safe, no seek). Remotely each read is
-    one ranged GET (`fs.cat_file(key, start, end)`): no readahead buffer, which would
-    download a whole block (MiBs) to serve a sample of a few KiB.
-    """
-
-    def __init__(self, path: PathLike):
-        self.path = canonical(path)
-        self._local = None if is_remote(self.path) else self.path
-        self._fd: int | None = None
-        if self._local is not None:
-            self._fd = os.open(self._local, os.O_RDONLY)
-        else:
-            self._fs, self._key = _url_fs(self.path)
-
-    def read(self, offset: int, size: int) -> bytes:
-        if size <= 0:
-            return b""
-        if self._local is not None:
-            if self._fd is None:
-                raise ValueError(f"{self.path}: read from a closed RangeReader")
-            return os.pread(self._fd, size, offset)
-        return self._fs.cat_file(self._key, start=offset, end=offset + size)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RangeReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def open_ranges(path: PathLike) -> RangeReader:
-    return RangeReader(path)
-
-
-def open_sequential(path: PathLike, block_size: int = 16 << 20,
-                    size: int | None = None) -> IO[bytes]:
-    """A binary file for one front-to-back pass (e.g. reading a tar's headers): remotely
-    a readahead file fetching `block_size` bytes per request (`size`, when known, saves
-    the metadata requests of opening it); locally a plain file."""
-    s = canonical(path)
-    if not is_remote(s):
-        return _builtin_open(s, "rb")
-    if size is not None and size >= 0:
-        return _BlockFile(RangeReader(s), int(size), block_size)
-    fs, key = _url_fs(s)
-    return fs.open(key, "rb", block_size=block_size, cache_type="readahead")
-
-
-class _BlockFile(io.RawIOBase):
-    """A read-only file over ranged reads of `block_size` bytes: a forward pass costs
-    ceil(size / block_size) GETs and no metadata request (the size is known)."""
-
-    def __init__(self, ranges: RangeReader, size: int, block_size: int):
-        super().__init__()
-        self._ranges, self._size, self._block = ranges, size, max(1, int(block_size))
-        self._pos, self._start, self._buf = 0, 0, b""
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + int(offset))
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
-        out = []
-        while self._pos < end:
-            if not self._start <= self._pos < self._start + len(self._buf):
-                self._start = self._pos
-                self._buf = self._ranges.read(self._pos, min(self._block, self._size - self._pos))
-                if not self._buf:
-                    break
-            lo = self._pos - self._start
-            chunk = self._buf[lo:lo + end - self._pos]
-            out.append(chunk)
-            self._pos += len(chunk)
-        return b"".join(out)
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._ranges.close()
-        super().close()
 
 
 @contextlib.contextmanager
@@ -498,7 +364,7 @@ def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
         return
-    fs, key = _url_fs(s)
+    fs, key = fsspec_fs(s)
     f = fs.open(key, "wb")
     try:
         yield f
@@ -507,17 +373,4 @@ def atomic_writer(path: PathLike) -> Iterator[IO[bytes]]:
             f.discard()
         raise
     f.close()
-    _drop_listing_cache(fs, key.rsplit("/", 1)[0])
-
-
-def write_bytes_to(path: PathLike, data: bytes) -> None:
-    """`write_bytes` for any fsspec protocol (see `canonical`): replaces the file whole."""
-    with atomic_writer(path) as f:
-        f.write(data)
-
-
-def makedirs_url(path: PathLike) -> None:
-    """`makedirs` for any protocol: creates a local directory; object stores need none."""
-    s = canonical(path)
-    if not is_remote(s):
-        os.makedirs(s, exist_ok=True)
+    invalidate_cache(s.rsplit("/", 1)[0])

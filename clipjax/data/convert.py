@@ -36,7 +36,7 @@ class ShardWriter:
         if image_format not in ("jpg", "png"):
             raise ClipjaxError(f"image format must be jpg or png; got {image_format!r}")
         out_dir = paths.canonical(out_dir)  # local, relative or a bucket (gs://)
-        paths.makedirs_url(out_dir)
+        paths.makedirs(out_dir)
         self.out_dir, self.shard_size = out_dir.rstrip("/"), int(shard_size)
         self.image_format, self.quality = image_format, int(quality)
         self.sizes: dict[str, int] = {}
@@ -110,7 +110,7 @@ class ShardWriter:
 
     def close(self) -> list[str]:
         self._finish_shard()
-        paths.write_bytes_to(f"{self.out_dir}/{SIZES_FILE}",
+        paths.write_bytes(f"{self.out_dir}/{SIZES_FILE}",
                              json.dumps(self.sizes, indent=1).encode("utf-8"))
         return [f"{self.out_dir}/{n}" for n in self.sizes]
 

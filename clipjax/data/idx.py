@@ -101,4 +101,4 @@ def write_idx(path: str, array: np.ndarray) -> None:
     code = codes[arr.dtype.newbyteorder("=")]
     header = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
     raw = header + arr.astype(np.dtype(_DTYPES[code])).tobytes()
-    paths.write_bytes_to(path, gzip.compress(raw) if path.endswith(".gz") else raw)
+    paths.write_bytes(path, gzip.compress(raw) if path.endswith(".gz") else raw)

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from clipjax import paths
+from clipjax import paths, ranged_io
 from clipjax.errors import ClipjaxError
 
 log = logging.getLogger(__name__)
@@ -214,12 +214,12 @@ def index_shard(url: str, cache_dir: str = "", identity: tuple[int, str] | None 
         if cached is not None:
             return cached
     # One front-to-back pass over the headers; remotely in 16 MiB requests.
-    with paths.open_sequential(url, size=size) as f:
+    with ranged_io.open_sequential(url, size=size) as f:
         samples, _ = index_tarfile(f, size)
     if cache:
         rows = json.dumps([[s.key, s.members, s.truncated] for s in samples]).encode()
         try:
-            paths.write_bytes_to(cache, rows)  # whole or not at all: racing writers agree
+            paths.write_bytes(cache, rows)  # whole or not at all: racing writers agree
         except Exception as e:  # noqa: BLE001 - a read-only cache still reads shards
             log.warning("cannot write the shard index cache %s: %s", cache, e)
     return samples
@@ -297,7 +297,7 @@ _WANTED = (*IMAGE_EXTS, TEXT_EXT, JSON_EXT)
 
 
 class _Reader:
-    """An open shard: its index and positioned reads (`paths.RangeReader`: os.pread
+    """An open shard: its index and positioned reads (`ranged_io.RangeReader`: os.pread
     locally, one ranged GET per read remotely)."""
 
     def __init__(self, url: str, cache_dir: str, identity: tuple[int, str] | None = None):
@@ -306,7 +306,7 @@ class _Reader:
             identity = paths.identity(url)
         self.size = identity[0]
         self.samples = index_shard(url, cache_dir, identity)
-        self._ranges = paths.open_ranges(url)
+        self._ranges = ranged_io.open_ranges(url)
 
     def read_members(self, sample: Sample) -> tuple[dict[str, bytes], bool]:
         """The wanted members of one sample with ONE read: tar keeps a sample's members
