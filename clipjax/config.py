@@ -94,7 +94,7 @@ def default_config() -> ConfigDict:
     c.data.prefetch = 2
     c.data.max_image_pixels = 89_478_485  # larger headers are skipped as decompression bombs
     c.data.threads = 2  # decode threads per worker process (PIL releases the GIL)
-    c.data.index_cache = ""  # directory caching tar member indexes ('' = memory only)
+    c.data.index_cache = ""  # tar member indexes, shared by every process and host (local or gs://)
     c.data.train = ConfigDict()
     c.data.train.source = "synthetic"  # synthetic | webdataset | tfds | folder | mixture
     c.data.train.urls = ""  # brace pattern or '::'-separated list of tar shards

@@ -105,3 +105,19 @@ def test_compilation_cache_key_points_jax_at_the_resolved_directory(tmp_path, mo
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "jax")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_remote_shards_get_the_runs_index_cache_unless_one_is_set(repo_root):
+    from clipjax.train import loop
+
+    config = config_lib.load(str(repo_root / "configs" / "tiny.py"), [
+        "--config.data.train.source=webdataset",
+        "--config.data.train.urls=gs://b/shards/{000000..000003}.tar"])
+    out = loop._pipeline_config(config, "gs://b/runs/x")
+    assert out.data.index_cache == "gs://b/runs/x/index_cache"
+    assert config.data.index_cache == ""  # config.json keeps what the user gave
+    config.data.index_cache = "/cache"
+    assert loop._pipeline_config(config, "gs://b/runs/x").data.index_cache == "/cache"
+    config.data.index_cache = ""
+    config.data.train.urls = "/local/{000000..000003}.tar"
+    assert loop._pipeline_config(config, "/runs/x").data.index_cache == ""

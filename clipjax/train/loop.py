@@ -121,6 +121,30 @@ def _resume_changes(config: ConfigDict, workdir: str) -> dict[str, tuple] | None
     return run_config.check_resume(checkpoint.read_config(workdir), config, workdir)
 
 
+INDEX_CACHE = "index_cache"
+
+
+def _remote_shards(train: ConfigDict) -> bool:
+    from clipjax.data import sources as sources_lib
+
+    sections = ([s for s, _ in sources_lib.mixture_components(train)]
+                if train.source == "mixture" else [train])
+    return any(s.get("source", train.source) == "webdataset"
+               and any(paths.is_remote(u.strip()) for u in str(s.get("urls", "")).split("::"))
+               for s in sections)
+
+
+def _pipeline_config(config: ConfigDict, workdir: str) -> ConfigDict:
+    """Remote webdataset shards without `data.index_cache` would be indexed by every
+    process and decode worker (a full read of each shard): the run's own
+    WORKDIR/index_cache then serves them all. config.json keeps the user's value."""
+    if config.data.index_cache or not _remote_shards(config.data.train):
+        return config
+    out = ConfigDict(config.to_dict())
+    out.data.index_cache = f"{workdir.rstrip('/')}/{INDEX_CACHE}"
+    return out
+
+
 def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> int:
     """Runs (or resumes) training in `workdir`; returns the process exit status."""
     workdir = paths.to_str(workdir)  # a relative workdir means where the process started
@@ -135,8 +159,10 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
     # ---- input (this process's shard)
     from clipjax.data.pipeline import build_train_pipeline
 
+    pipeline_config = _pipeline_config(config, workdir)
+
     def input_pipeline():
-        return build_train_pipeline(config, process_index=jax.process_index(),
+        return build_train_pipeline(pipeline_config, process_index=jax.process_index(),
                                     process_count=jax.process_count())
 
     pipeline = input_pipeline()
