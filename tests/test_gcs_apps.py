@@ -371,3 +371,21 @@ def test_eval_sources_read_from_the_bucket(tmp_path, bucket_env):
         remote = examples(f"{kind}:{ROOT}/evaldata/{sub}")
         assert remote == local, kind
         assert local[0] in (6, 2)
+
+
+def test_init_from_a_workdir_in_the_bucket(imported, source, bucket_env):
+    """`train.init_from=gs://...` (LiT's image tower from an imported model)."""
+    import jax
+    import jax.numpy as jnp
+
+    from clipjax.train import warmstart
+
+    workdir, _ = imported
+    params, _ = source
+    fresh = jax.tree.map(jnp.zeros_like, params)  # this run's params before the warm start
+    loaded, taken = warmstart.load_initial_params(workdir, "image/.*", fresh)
+    assert taken and all(k.startswith("image/") for k in taken)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded["image"]),
+                 jax.tree.map(np.asarray, params["image"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded["text"]),
+                 jax.tree.map(np.asarray, fresh["text"]))
