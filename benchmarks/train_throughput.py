@@ -55,7 +55,7 @@ def clipjax_worker(args) -> dict:
     config = _load_config(args.override)
     program = program_lib.build(config)
     state = program.init()
-    pipeline = build_train_pipeline(config, workers=0)
+    pipeline = build_train_pipeline(config, workers=0, normalize=False)  # as the trainer
     batches = [program.global_batch(next(pipeline)) for _ in range(2)]
     t0 = time.perf_counter()
     step = program.lower(state).compile()

@@ -258,3 +258,23 @@ def test_frozen_tower_and_warm_start(tmp_path):
     # Frozen params carry no optimizer state: Adam's moments exist for text params only.
     moments = [x for x in jax.tree.leaves(program.abstract_state.opt_state) if x.shape != ()]
     assert len(moments) == 2 * len(jax.tree.leaves(donor["text"]))
+
+
+def test_uint8_images_normalised_in_the_step_equal_the_float_path():
+    """The trainer sends uint8 pixels (a quarter of the bytes) and normalises on the
+    device; the same step on the host-normalised float batch gives the same numbers."""
+    from clipjax.data.preprocess import normalize
+
+    program = run()["program"]
+    config = tiny()
+    raw = next(build_train_pipeline(config, normalize=False))
+    assert raw["image"].dtype == np.uint8
+    host = dict(raw, image=normalize(raw["image"], config.model.image.mean,
+                                     config.model.image.std))
+    state = program.init()
+    _, m_uint8 = program.step(state, program.global_batch(raw))
+    state = program.init()
+    _, m_float = program.step(state, program.global_batch(host))
+    np.testing.assert_allclose(float(m_uint8["loss"]), float(m_float["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m_uint8["grad_norm"]), float(m_float["grad_norm"]),
+                               rtol=1e-5)

@@ -170,15 +170,21 @@ class _Numbered(grain.MapDataset):
 
 
 class SyntheticBatch:
-    """Random normalised images and token rows (SOT ... EOT, zero padding) of a batch."""
+    """Random images (normalised float32, or uint8 pixels) and token rows (SOT ... EOT,
+    zero padding) of a batch."""
 
-    def __init__(self, batch: int, image_size: int, context_length: int, vocab_size: int):
+    def __init__(self, batch: int, image_size: int, context_length: int, *, vocab_size: int,
+                 normalized: bool = True):
         self.shape = (batch, image_size, image_size, 3)
         self.length, self.vocab = context_length, vocab_size
+        self.normalized = normalized
 
     def __call__(self, index, rng: np.random.Generator) -> dict:
         b, length = self.shape[0], self.length
-        images = rng.standard_normal(self.shape, dtype=np.float32)
+        if self.normalized:
+            images = rng.standard_normal(self.shape, dtype=np.float32)
+        else:
+            images = rng.integers(0, 256, self.shape, dtype=np.uint8)
         lengths = rng.integers(2, length + 1, size=b)
         body = rng.integers(1, max(self.vocab - 2, 2), size=(b, length), dtype=np.int32)
         pos = np.arange(length)[None, :]
@@ -235,13 +241,16 @@ def build_stream(config: ConfigDict, *, process_index: int = 0, process_count: i
 
 def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_count: int = 1,
                          epochs: int | None = None, tokenizer=None,
-                         workers: int | None = None, shuffle: bool = True) -> TrainPipeline:
+                         workers: int | None = None, shuffle: bool = True,
+                         normalize: bool = True) -> TrainPipeline:
     """The training iterator for this process (see the module docstring).
 
     `epochs=None` repeats forever (training); an integer stops after this
     process's share of that many epochs (the last batch may then be short).
     `tokenizer` overrides `build_tokenizer(config.model)`; `workers` overrides
     `data.workers`; `shuffle=False` reads in storage order (checks).
+    `normalize=False` leaves images uint8 (a quarter of the bytes to the device; the
+    trainer normalises inside its jitted step).
     """
     data = config.data
     b = local_batch_size(config, process_count)
@@ -252,7 +261,7 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
     if data.train.source == "synthetic":
         length = sys.maxsize if epochs is None else int(epochs)
         make = SyntheticBatch(b, img.image_size, config.model.text.context_length,
-                              config.model.text.vocab_size)
+                              vocab_size=config.model.text.vocab_size, normalized=normalize)
         batches = grain.MapDataset.range(length).random_map(
             make, seed=(seed * 1000003 + process_index) & 0x7FFFFFFF)
 
@@ -280,7 +289,7 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
         raise ConfigError("data.augment", str(e)) from None
     numbered = _Numbered(stream)
     threads = int(data.threads)
-    mean, std = img.mean, img.std
+    mean, std = (img.mean, img.std) if normalize else (None, None)
     # Ten epochs in a row without one valid sample: the data is broken, not unlucky.
     give_up = 10 * num_samples + 1000
 

@@ -108,7 +108,7 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                  give_up_after: int):
         super().__init__(parent)
         self.batch_size = batch_size
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = mean, std
         self.drop_remainder = drop_remainder
         self.give_up_after = give_up_after
         self._bad_run = 0
@@ -152,9 +152,11 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                 f"{self._reasons}); check the data with `clipjax data check`")
 
     def _pixels(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        raw = self.mean is None  # uint8 out: the consumer normalises (on the device)
         if not images:
-            return np.zeros((0, 0, 0, 3), np.float32)
-        return normalize(np.stack(images), self.mean, self.std)
+            return np.zeros((0, 0, 0, 3), np.uint8 if raw else np.float32)
+        stacked = np.stack(images)
+        return stacked if raw else normalize(stacked, self.mean, self.std)
 
     def get_state(self):
         # Cheap (prefetching iterators above copy it after every batch): the pipeline is
@@ -173,13 +175,16 @@ def _stack_tokens(texts):
 
 
 class SkipCountingBatch(grain.IterDataset):
-    """Batches of exactly `batch_size` good examples (the last may be short when finite)."""
+    """Batches of exactly `batch_size` good examples (the last may be short when finite).
+
+    Images are normalised with `mean`/`std`; with both None they stay uint8."""
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, mean, std, *,
                  drop_remainder: bool = False, give_up_after: int = 0):
         super().__init__(parent)
         self.batch_size = int(batch_size)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean = None if mean is None else tuple(mean)
+        self.std = None if std is None else tuple(std)
         self.drop_remainder = drop_remainder
         self.give_up_after = int(give_up_after)  # consecutive skips; 0 = never
 

@@ -163,7 +163,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
 
     def input_pipeline():
         return build_train_pipeline(pipeline_config, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(), normalize=False)
 
     pipeline = input_pipeline()
 

@@ -79,7 +79,8 @@ class TrainProgram:
         m = self.config.model
         b, size, length = self.config.data.batch_size, m.image.image_size, m.text.context_length
         return {
-            "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32,
+            # uint8 pixels: the trainer's pipeline leaves normalising to the step
+            "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8,
                                           sharding=self.batch_shardings["image"]),
             "text": jax.ShapeDtypeStruct((b, length), jnp.int32,
                                          sharding=self.batch_shardings["text"]),
@@ -122,7 +123,9 @@ def build(config: ConfigDict, mesh: Mesh | None = None) -> TrainProgram:
                        "text": sharding.batch_sharding(mesh, axes, 2)}
     spec = step_lib.StepSpec(model=model, tx=tx, lr=lr, loss_cfg=config.loss, mesh=mesh,
                              batch_axes=axes, trainable=trainable,
-                             grad_accum=int(config.train.grad_accum))
+                             grad_accum=int(config.train.grad_accum),
+                             image_mean=tuple(config.model.image.mean),
+                             image_std=tuple(config.model.image.std))
     program = TrainProgram(
         config=config, mesh=mesh, rules=rules, batch_axes=axes, model=model, tx=tx, lr=lr,
         abstract_state=abstract, state_shardings=shardings, batch_shardings=batch_shardings)

@@ -44,6 +44,17 @@ class StepSpec:
     batch_axes: tuple[str, ...]
     trainable: Any  # pytree of bools like the params (False = frozen)
     grad_accum: int = 1
+    image_mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # for uint8 batches, normalised here
+    image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+
+def normalize_images(images: jax.Array, mean, std) -> jax.Array:
+    """uint8 pixels → float32 `(x / 255 - mean) / std` on the device (the host sends a
+    quarter of the bytes); float images pass through as they are."""
+    if images.dtype != jnp.uint8:
+        return images
+    x = images.astype(jnp.float32) / jnp.float32(255.0)
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def _loss(spec: StepSpec, img_emb, txt_emb, scale, bias, text):
@@ -138,6 +149,8 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict[str, jax.Array]):
     A non-finite loss or gradient leaves params and optimizer state as they
     were, counts the step in `state.nonfinite` and reports `skipped = 1`.
     """
+    batch = {**batch, "image": normalize_images(batch["image"], spec.image_mean,
+                                                spec.image_std)}
     if spec.grad_accum > 1:
         (loss, metrics), grads = gradcache_grads(spec, state.params, batch)
     else:
