@@ -149,15 +149,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference, data_dir, tmp_path):
-    workdir = str(tmp_path / "multi")
+def _two_processes(workdir, data_dir):
+    """The run as 2 processes x 4 devices over a 127.0.0.1 coordinator."""
     port = _free_port()
-    procs = [
+    return [
         _start(_args(workdir, data_dir, "--config.runtime.distributed=on",
                      f"--config.runtime.coordinator_address=127.0.0.1:{port}",
                      "--config.runtime.num_processes=2", f"--config.runtime.process_id={i}"),
                devices=4)
         for i in range(2)]
+
+
+def test_two_processes_match_one(reference, data_dir, tmp_path):
+    workdir = str(tmp_path / "multi")
+    procs = _two_processes(workdir, data_dir)
     results = [_finish(p) for p in procs]
     for code, out in results:
         assert code == 0, out[-3000:]
@@ -174,13 +179,7 @@ def test_two_processes_sigterm_to_one_both_save_the_same_step(data_dir, tmp_path
     """A preemption notice reaches one host: both save the same step and exit 0 (JAX's
     preemption service agrees on the step; no collective per step)."""
     workdir = str(tmp_path / "multi-sigterm")
-    port = _free_port()
-    procs = [
-        _start(_args(workdir, data_dir, "--config.runtime.distributed=on",
-                     f"--config.runtime.coordinator_address=127.0.0.1:{port}",
-                     "--config.runtime.num_processes=2", f"--config.runtime.process_id={i}"),
-               devices=4)
-        for i in range(2)]
+    procs = _two_processes(workdir, data_dir)
     _wait_for(procs[0], lambda: len(_rows(workdir)) >= 3, "step 3")
     procs[1].send_signal(signal.SIGTERM)
     results = [_finish(p) for p in procs]
