@@ -177,9 +177,9 @@ class Checkpointer:
                     "again.") from e
 
     def _check_data_state(self, step: int, pipeline) -> None:
-        """A data-iterator state of another structure (grain's state differs between
-        `data.workers=0` and `> 0`) cannot restore into this pipeline: refuse, clearly,
-        instead of failing inside grain with a KeyError."""
+        """A data-iterator state of another structure (one an older clipjax wrote, whose
+        state depended on `data.workers`) cannot restore into this pipeline: refuse,
+        clearly, instead of failing inside the iterator with a KeyError."""
         mine = getattr(pipeline, "get_state", None)
         if mine is None:
             return
@@ -197,8 +197,8 @@ class Checkpointer:
         if theirs != ours:
             raise ClipjaxError(
                 f"{checkpoint.step_dir(self.workdir, step)}: its data-iterator state has "
-                "another shape than this run's input pipeline (data.workers or data.threads "
-                "changed since it was saved?); resume with the values in "
+                "another shape than this run's input pipeline (written by an older clipjax "
+                "with other data.workers?); resume with the values in "
                 f"{self.workdir}/config.json. Nothing was moved or deleted.")
 
     def _kind(self, step: int) -> str | None:
