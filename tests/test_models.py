@@ -401,3 +401,41 @@ def test_scanned_stack_with_pooled_last_block_equals_the_full_scan(causal):
     g_pooled, g_full = grad(pooled)(params, x), grad(full)(params, x)
     for a, b in zip(jax.tree.leaves(g_pooled), jax.tree.leaves(g_full)):
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policy_saves_the_same_dots_on_both_kernel_paths(scan):
+    """`model.remat=dots_no_batch` keeps the projections' outputs whichever kernels compute
+    them (the CPU path's custom VJP shows its dot to the policy), and the scanned stack
+    keeps no per-layer copy of its params for the backward pass."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from clipjax.models.layers import Transformer
+
+    def saved_residuals(f, *args):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(f, *args)
+        rows = re.findall(r"^(\w+)\[([\d,]*)\] (.*)$", out.getvalue(), re.M)
+        names = {"bf16": jnp.bfloat16, "f32": jnp.float32, "i32": jnp.int32}
+        return [(tuple(int(n) for n in dims.split(",") if n), names.get(dt, dt), why)
+                for dt, dims, why in rows]
+
+    x = jnp.ones((4, 9, 64))
+    index = jnp.zeros(4, jnp.int32)
+    saved = {}
+    for kernels in ("cpu", "xla"):
+        stack = Transformer(64, 3, 2, scan=scan, remat="dots_no_batch", kernels=kernels,
+                            dtype=jnp.bfloat16)
+        params = nn.meta.unbox(stack.init(jax.random.key(0), x))
+        res = saved_residuals(lambda p, x, m=stack: m.apply(p, x, index).sum(), params, x)
+        kept = [(shape, dt) for shape, dt, why in res if "argument" not in why]
+        # Only activations: bf16 projection outputs and the f32 residual stream.
+        assert all(dt == jnp.bfloat16 or shape[-1] == 64 and 9 in shape or len(shape) <= 1
+                   for shape, dt in kept), kept
+        saved[kernels] = sum(np.prod(s) for s, dt in kept if dt == jnp.bfloat16)
+    assert saved["cpu"] == saved["xla"] > 0

@@ -141,7 +141,9 @@ def _contract(x, w, n: int):
 
 
 def _contract_fwd(x, w, n):
-    return _contract(x, w, n), (x, w)
+    # The dot itself, not a call of `_contract`: remat policies (`model.remat=dots...`)
+    # then see a dot_general whose output they may save.
+    return lax.dot_general(x, w, ((_dims(n, 1), _dims(n)), ((), ()))), (x, w)
 
 
 def _contract_bwd(n, res, dy):
@@ -395,7 +397,7 @@ class Transformer(nn.Module):
             if pool_index is None or self.is_initializing() or not self.layers:
                 x, _ = stack(self.layers)(**kw, name="blocks")(x, None)
                 return x if pool_index is None else take_tokens(x, pool_index)
-            return self._scanned_then_pooled(x, pool_index, stack, block(False), kw)
+            return self._scanned_then_pooled(x, pool_index, kw)
         if not self.layers and pool_index is not None:
             return take_tokens(x, pool_index)
         for i in range(self.layers):
@@ -403,13 +405,23 @@ class Transformer(nn.Module):
             x, _ = block(self.scan)(**kw, name=f"blocks_{i}")(x, None, pool_index if last else None)
         return x
 
-    def _scanned_then_pooled(self, x, pool_index, stack, last_block, kw):
-        """The stacked `blocks` params applied as L-1 scanned layers + the pooled last one."""
+    def _scanned_then_pooled(self, x, pool_index, kw):
+        """The stacked `blocks` params applied as L-1 scanned layers + the pooled last one.
+
+        Each step indexes its layer out of the whole stack inside the rematerialised
+        region, so the backward pass keeps no per-layer copy of the params."""
         params = nn.meta.unbox(self.variables["params"]["blocks"])
-        n = self.layers
+        n, policy = self.layers, remat_policy(self.remat)
+        block = ResidualBlock(**kw, parent=None)
+
+        def run(h, i, stack, index=None):
+            p = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
+            return block.apply({"params": p}, h, None, index)[0]
+
+        scanned, last = run, run
+        if policy is not None:
+            scanned = jax.checkpoint(run, policy=policy, prevent_cse=False)
+            last = jax.checkpoint(run, policy=policy)
         if n > 1:
-            head = jax.tree.map(lambda p: p[:n - 1], params)
-            x, _ = stack(n - 1)(**kw, parent=None).apply({"params": head}, x, None)
-        last = jax.tree.map(lambda p: p[n - 1], params)
-        x, _ = last_block(**kw, parent=None).apply({"params": last}, x, None, pool_index)
-        return x
+            x, _ = lax.scan(lambda h, i: (scanned(h, i, params), None), x, jnp.arange(n - 1))
+        return last(x, n - 1, params, pool_index)
