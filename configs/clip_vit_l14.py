@@ -1,31 +1,35 @@
 """CLIP ViT-L/14 at OpenAI's recipe (see clip_vit_b32.py) around ViT-L-14-quickgelu: batch
-32,768, AdamW lr 5e-4, wd 0.2, 2k warmup, cosine; bf16 compute, scanned layers; params
-and optimizer state sharded over 4 devices (`fsdp`).
+32,768, AdamW lr 5e-4, wd 0.2, 2k warmup, cosine; bf16 compute, scanned layers,
+`dots_no_batch` remat; params and optimizer state sharded over 4 devices (`fsdp`).
 
 The optional arg sets the global batch (`configs/clip_vit_l14.py:1048576`). ViT-L/14
 activations overflow a 16 GiB v5e chip well before the loss does, so the recipe
-accumulates gradients the GradCache way in micro-batches of at most 16,384 (64 images
-per chip on a v5e-256: 32k -> 2, 262k -> 16, 1M -> 64 micro-batches) and, past 32k,
-rematerialises each block entirely (`model.remat=full`) and takes the ring loss, whose
-memory is flat in the batch. On TPU and GPU `model.kernels=auto` compiles the XLA
-kernels (autodiff projections, `jax.nn.dot_product_attention`).
+accumulates gradients the GradCache way: micro-batches of 16,384 at 32k (2 of them), of
+8,192 past it (32 images per chip on a v5e-256: 262k -> 32, 1M -> 128 micro-batches),
+with the ring loss past 32k, whose memory is flat in the batch. On TPU and GPU
+`model.kernels=auto` compiles the XLA kernels (autodiff projections,
+`jax.nn.dot_product_attention`).
+
+Measured with `clipjax compile --topology v5e-256 --config.loss.impl=ring`: at 1M it
+needs 14.1 GiB per chip of 16. `--config.model.remat=full --config.train.grad_accum=64`
+fits in 8.0 GiB, at the cost of recomputing every block's forward in the backward pass.
 
 `--config.data.train.urls=...` gives the shards.
 """
 
 from clipjax.train.recipes import openai_clip
 
-MICRO_BATCH = 16_384
+OPENAI_BATCH = 32_768
 
 
 def get_config(arg=None):
     c = openai_clip("ViT-L-14-quickgelu", arg)
     c.mesh.data, c.mesh.fsdp = -1, 4
     batch = c.data.batch_size
-    # The fewest micro-batches of at most MICRO_BATCH that split the batch evenly.
+    micro = 16_384 if batch <= OPENAI_BATCH else 8_192
+    # The fewest micro-batches of at most `micro` that split the batch evenly.
     c.train.grad_accum = next(k for k in range(1, batch + 1)
-                              if batch % k == 0 and batch // k <= MICRO_BATCH)
-    if batch > 32_768:
-        c.model.remat = "full"
+                              if batch % k == 0 and batch // k <= micro)
+    if batch > OPENAI_BATCH:
         c.loss.impl = "ring"
     return c

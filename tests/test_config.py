@@ -64,6 +64,6 @@ def test_vit_l14_recipe_scales_with_the_batch_arg():
     assert c.data.batch_size == 32768 and c.train.grad_accum == 2
     assert c.model.image.width == 1024 and c.model.act == "quick_gelu"
     big = config_lib.load("configs/clip_vit_l14.py:1048576")
-    assert big.data.batch_size == 1048576 and big.train.grad_accum == 64
-    assert big.model.remat == "full" and big.loss.impl == "ring"
+    assert big.data.batch_size == 1048576 and big.train.grad_accum == 128
+    assert big.model.remat == "dots_no_batch" and big.loss.impl == "ring"
     assert big.model.kernels == "auto" and big.model.scan_layers
