@@ -50,7 +50,8 @@ class StepSpec:
 
 def normalize_images(images: jax.Array, mean, std) -> jax.Array:
     """uint8 pixels → float32 `(x / 255 - mean) / std` on the device (the host sends a
-    quarter of the bytes); float images pass through as they are."""
+    quarter of the bytes); float images pass through as they are. Applied where a
+    (micro-)batch enters the model, so GradCache holds one float micro-batch at a time."""
     if images.dtype != jnp.uint8:
         return images
     x = images.astype(jnp.float32) / jnp.float32(255.0)
@@ -69,6 +70,7 @@ def _freeze(params, trainable):
 
 
 def _embed(spec: StepSpec, params, images, text):
+    images = normalize_images(images, spec.image_mean, spec.image_std)
     return spec.model.apply(
         {"params": params}, images, text,
         method=lambda m, i, t: (m.encode_image(i), m.encode_text(t)))
@@ -79,7 +81,8 @@ def whole_batch_grads(spec: StepSpec, params, batch):
 
     def loss_fn(p):
         p = _freeze(p, spec.trainable)
-        out = spec.model.apply({"params": p}, batch["image"], batch["text"])
+        images = normalize_images(batch["image"], spec.image_mean, spec.image_std)
+        out = spec.model.apply({"params": p}, images, batch["text"])
         return _loss(spec, out["image_emb"], out["text_emb"], out["logit_scale"],
                      out["logit_bias"], batch["text"])
 
@@ -149,8 +152,6 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict[str, jax.Array]):
     A non-finite loss or gradient leaves params and optimizer state as they
     were, counts the step in `state.nonfinite` and reports `skipped = 1`.
     """
-    batch = {**batch, "image": normalize_images(batch["image"], spec.image_mean,
-                                                spec.image_std)}
     if spec.grad_accum > 1:
         (loss, metrics), grads = gradcache_grads(spec, state.params, batch)
     else:
