@@ -3,9 +3,10 @@
 One uninterrupted run is the reference for (a) a run that is sent SIGTERM,
 restarted, killed with SIGKILL between checkpoints and restarted again, whose
 losses and final params must equal the reference's bit for bit, and (b) the
-same training as 2 processes × 4 devices. The data is a folder source of real
-PNG files with captions, read without random crops, so the global batch of a
-step is the same set of pairs however many processes read it.
+same training as 2 processes × 4 devices. The data is webdataset shards of real
+PNG files with two captions each, read with random resized crops, flips and a
+random caption: every draw follows (seed, epoch, global position), so the global
+batch of a step is the same however many processes read it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def data_dir(tmp_path_factory):
 
 
 def _args(workdir, data_dir, *extra):
-    return train_cli.args(workdir, data_dir, *extra, steps=STEPS, ckpt_every=CKPT_EVERY)
+    """Webdataset shards, augmentation on: crops, flips and caption draws all follow
+    (seed, epoch, global position), whatever the process count and through resumes."""
+    return train_cli.args(workdir, data_dir, *train_cli.augmented_shards(data_dir), *extra,
+                          steps=STEPS, ckpt_every=CKPT_EVERY)
 
 
 def _env(devices=8):
@@ -97,7 +101,7 @@ def test_run_writes_the_workdir_and_metrics(reference):
     # keep = 2 keeps the last two (24, 32); keep_every = 16 keeps 16 as well; 8 is gone.
     assert checkpoint.finalized_steps(workdir) == [16, 24, 32]
     config = checkpoint.read_config(workdir)
-    assert config.train.steps == STEPS and config.data.train.source == "folder"
+    assert config.train.steps == STEPS and config.data.train.source == "webdataset"
     assert os.listdir(os.path.join(workdir, "tb"))
 
 

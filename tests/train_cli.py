@@ -7,10 +7,12 @@ trainer does not care which tokenizer it is).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -25,17 +27,40 @@ VOCAB = 40
 
 
 def make_pairs(root) -> str:
-    """80 image-caption pairs in `root` and `root`_sp.model next to it."""
+    """80 image-caption pairs in `root` and `root`_sp.model next to it; the same pairs
+    as 4 webdataset shards `root`_wds/00000{0..3}.tar, each with two captions (lines)."""
     rng = np.random.default_rng(0)
     words = ["red", "green", "blue", "cat", "dog", "car", "tree", "house", "sky", "sea"]
+    captions = []
     for i in range(80):
         pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / f"{i:04d}.png")
         caption = " ".join(rng.choice(words, size=3)) + f" {i}"
         (root / f"{i:04d}.txt").write_text(caption)
-    captions = [(root / f"{i:04d}.txt").read_text() for i in range(80)]
+        captions.append(caption)
+    shards = root.parent / f"{root.name}_wds"
+    shards.mkdir()
+    for s in range(4):
+        with tarfile.open(shards / f"{s:06d}.tar", "w") as tar:
+            for i in range(s * 20, (s + 1) * 20):
+                second = " ".join(rng.choice(words, size=2)) + f" {i}"
+                for name, data in ((f"{i:04d}.png", (root / f"{i:04d}.png").read_bytes()),
+                                   (f"{i:04d}.txt", f"{captions[i]}\n{second}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        captions.append(second)
     train_sentencepiece(captions, str(root.parent / f"{root.name}_sp"), vocab_size=VOCAB)
     return str(root)
+
+
+def augmented_shards(data_dir) -> list[str]:
+    """Overrides that train on the webdataset copy with augmentation on: random resized
+    crop, flip and a random one of each sample's two captions."""
+    return ["--config.data.train.source=webdataset",
+            f"--config.data.train.urls={data_dir}_wds/{{000000..000003}}.tar",
+            "--config.data.train.caption_lines=True", "--config.data.train.caption_choice=random",
+            "--config.data.augment.crop_scale=(0.5,1.0)", "--config.data.augment.flip=True"]
 
 
 def args(workdir, data_dir, *extra, steps: int, ckpt_every: int):
