@@ -11,6 +11,7 @@ whole into memory through `clipjax.paths`, then parsed from the bytes).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -110,11 +111,23 @@ def _to_numpy(obj: dict, torch) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _safetensors_errors(path: str):
+    """safetensors' own errors (SafetensorError and friends) as one clear ClipjaxError."""
+    try:
+        yield
+    except ClipjaxError:
+        raise
+    except Exception as e:
+        raise ClipjaxError(f"cannot read checkpoint {path!r}: truncated or corrupt "
+                           f"safetensors ({e})") from None
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     out = {}
-    try:
+    with _safetensors_errors(path):
         with safe_open(path, framework="np") as f:
             bf16 = []
             for key in f.keys():
@@ -124,11 +137,6 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
                     out[key] = f.get_tensor(key)
         if bf16:
             out.update(_read_bf16(path, bf16))
-    except ClipjaxError:
-        raise
-    except Exception as e:  # safetensors_rust.SafetensorError and friends
-        raise ClipjaxError(f"cannot read checkpoint {path!r}: truncated or corrupt "
-                           f"safetensors ({e})") from None
     return out
 
 
@@ -142,7 +150,7 @@ def _read_safetensors_bytes(path: str, data: bytes) -> dict[str, np.ndarray]:
     from safetensors import deserialize
 
     out = {}
-    try:
+    with _safetensors_errors(path):
         for key, t in deserialize(data):
             if t["dtype"] == "BF16":
                 bits = np.frombuffer(t["data"], "<u2").astype(np.uint32) << 16
@@ -153,11 +161,6 @@ def _read_safetensors_bytes(path: str, data: bytes) -> dict[str, np.ndarray]:
             else:
                 raise ClipjaxError(f"checkpoint {path!r}: tensor {key!r} has dtype "
                                    f"{t['dtype']}, which clipjax does not read")
-    except ClipjaxError:
-        raise
-    except Exception as e:  # safetensors_rust.SafetensorError and friends
-        raise ClipjaxError(f"cannot read checkpoint {path!r}: truncated or corrupt "
-                           f"safetensors ({e})") from None
     return out
 
 
