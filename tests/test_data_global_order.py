@@ -7,7 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from images import jpeg
 
 from clipjax import config as config_lib
 from clipjax.data import pipeline, sources
@@ -18,10 +18,6 @@ from clipjax.errors import ClipjaxError
 N_SHARDS, PER_SHARD = 3, 7  # 21 samples: batches cross shard and epoch boundaries
 
 
-def _jpeg(rng, h, w) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def _add(tf, name, data):
@@ -39,7 +35,7 @@ def shards(tmp_path_factory):
         with tarfile.open(d / f"{s:05d}.tar", "w") as tf:
             for i in range(PER_SHARD):
                 key = f"{s}{i:03d}"
-                _add(tf, f"{key}.jpg", _jpeg(rng, 40 + i, 52 - i))
+                _add(tf, f"{key}.jpg", jpeg(rng, 40 + i, 52 - i))
                 _add(tf, f"{key}.txt", "\n".join(
                     f"{v} caption of sample {key}" for v in ("first", "second", "third")
                 ).encode())

@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+from images import jpeg
 from PIL import Image
 
 from clipjax import config as config_lib
@@ -23,11 +24,6 @@ HAND_SKIPS = {"decode_error": 1, "empty_image": 1, "decompression_bomb": 1,
               "truncated_member": 1}
 
 
-def _jpeg(rng, h=36, w=44, mode="RGB") -> bytes:
-    arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).convert(mode).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _png(img: Image.Image) -> bytes:
@@ -68,7 +64,7 @@ def data(tmp_path_factory):
     folder = root / "folder"
     folder.mkdir()
     for i in range(N_FOLDER):
-        (folder / f"img{i:03d}.jpg").write_bytes(_jpeg(rng, 30 + i, 40))
+        (folder / f"img{i:03d}.jpg").write_bytes(jpeg(rng, 30 + i, 40))
         (folder / f"img{i:03d}.txt").write_text(caption(i))
     shards = root / "shards"
     report = convert.convert_source("folder", str(folder), str(shards), 5)
@@ -76,10 +72,10 @@ def data(tmp_path_factory):
 
     hand = root / "hand"
     hand.mkdir()
-    good = _jpeg(rng)
+    good = jpeg(rng)
     gray = _png(Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)))
     rgba = _png(Image.fromarray(rng.integers(0, 255, (25, 25, 4), dtype=np.uint8)))
-    cmyk = _jpeg(rng, mode="CMYK")
+    cmyk = jpeg(rng, mode="CMYK")
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tf:
         def sample(key, image=None, text=None, ext="jpg"):

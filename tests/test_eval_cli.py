@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from eval_data import save_tiny, tiny_config, write_idx_split
+from images import png
 from PIL import Image
 
 from clipjax import checkpoint
@@ -150,11 +151,6 @@ def test_task_strings():
 
 def test_folder_wds_and_caption_sources(tmp_path):
     rng = np.random.default_rng(0)
-
-    def png(color):
-        buf = io.BytesIO()
-        Image.fromarray(np.full((12, 12, 3), color, np.uint8)).save(buf, "PNG")
-        return buf.getvalue()
 
     for name in ("red_fox", "blue_jay"):
         d = tmp_path / "folder" / "test" / name

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from apps_data import write_photos
 from eval_data import random_params, save_tiny, tiny_config, write_idx_split
+from images import png
 
 from clipjax.cli import main
 
@@ -323,15 +324,8 @@ def test_eval_sources_read_from_the_bucket(tmp_path, bucket_env):
     import io
     import tarfile
 
-    from PIL import Image
-
     from clipjax import paths
     from clipjax.evaluate import tasks
-
-    def png(v):
-        buf = io.BytesIO()
-        Image.fromarray(np.full((12, 12, 3), v, np.uint8)).save(buf, "PNG")
-        return buf.getvalue()
 
     for name in ("red_fox", "blue_jay"):
         d = tmp_path / "folder" / "test" / name

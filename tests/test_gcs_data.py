@@ -6,7 +6,6 @@ Requests are counted where gcsfs sends them (`GCSFileSystem._request`: one call 
 HTTP request, retries aside), so the figures are GETs/LISTs the server really served.
 """
 
-import io
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from images import jpeg
 
 from clipjax import config as config_lib
 from clipjax import paths
@@ -29,10 +28,6 @@ if gcs_server.binary() is None:
 N_SHARDS, PER_SHARD = 3, 10
 
 
-def _jpeg(rng, h, w) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,7 @@ def local(tmp_path_factory):
     folder = root / "folder"
     folder.mkdir()
     for i in range(N_SHARDS * PER_SHARD):
-        (folder / f"img{i:03d}.jpg").write_bytes(_jpeg(rng, 30 + i % 7, 40))
+        (folder / f"img{i:03d}.jpg").write_bytes(jpeg(rng, 30 + i % 7, 40))
         (folder / f"img{i:03d}.txt").write_text(f"bucket sample {i}")
     convert.convert_source("folder", str(folder), str(root / "shards"), PER_SHARD)
     return root
