@@ -33,3 +33,37 @@ def test_config_arguments_are_split_off():
         ["--workdir", "w", "--config", "c.py:x", "--config.a.b=1", "--config.c", "2"])
     assert rest == ["--workdir", "w"]
     assert cfg == ["--config=c.py:x", "--config.a.b=1", "--config.c=2"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["embed", "--images", "x", "--workdir", "w", "--out", "o", "--config.k=1"], "--config.k"),
+    (["demo", "--config", "configs/tiny.py"], "--config"),
+])
+def test_a_command_without_a_config_refuses_config_flags(capsys, argv, flag):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"clipjax {argv[0]}: error: {flag}: this command takes no config" in err
+    assert "train" in err and "eval" in err  # the commands that take one
+
+
+def test_takes_config_is_read_without_importing():
+    takes = {n for n, m in cli._available().items() if cli._takes_config(m)}
+    assert {"train", "eval", "compile", "import"} <= takes
+    assert not takes & {"embed", "search", "classify", "score", "export", "demo"}
+
+
+def test_an_unexpected_exception_is_one_line_and_a_traceback_file(capsys, monkeypatch):
+    from clipjax.commands import export
+
+    def broken(args):
+        raise ValueError("a bug in the command")
+
+    monkeypatch.setattr(export, "run", broken)
+    assert cli.main(["export", "open_clip", "--workdir", "w", "--out", "o"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("clipjax export: unexpected error: ValueError: a bug in the command")
+    path = err.split("full traceback in ")[1].rstrip(")")
+    with open(path) as f:
+        text = f.read()
+    assert "Traceback" in text and "a bug in the command" in text

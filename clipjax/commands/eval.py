@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "evaluate checkpoints zero-shot (classification, retrieval, linear probe)"
+TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

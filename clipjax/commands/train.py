@@ -7,6 +7,7 @@ import logging
 import os
 
 HELP = "pretrain (or resume) a CLIP model from a config on any mesh; writes WORKDIR"
+TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
