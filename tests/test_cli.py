@@ -67,3 +67,43 @@ def test_an_unexpected_exception_is_one_line_and_a_traceback_file(capsys, monkey
     with open(path) as f:
         text = f.read()
     assert "Traceback" in text and "a bug in the command" in text
+
+
+MODEL_COMMANDS = ["train", "eval", "export", "demo", "embed", "search", "classify",
+                  "calibrate", "score"]
+
+
+def _parser(name):
+    import importlib
+
+    return cli.command_parser(name, importlib.import_module(cli.COMMANDS[name]))
+
+
+@pytest.mark.parametrize("name", MODEL_COMMANDS)
+def test_every_command_names_its_model_or_run_with_workdir(name):
+    options = {s for a in _parser(name)._actions for s in a.option_strings}
+    assert "--workdir" in options
+    if name not in ("train", "demo"):  # these two create the workdir; the rest load a model
+        assert "--step" in options
+
+
+def test_progress_is_spelled_one_way_everywhere():
+    from clipjax.commands import flags
+
+    required = {"embed": ["--images", "x", "--out", "o"], "classify": ["--labels", "a,b", "x"],
+                "calibrate": ["--labels", "a,b", "--folder", "d"]}
+    for name in ("train", "eval", "embed", "classify", "calibrate", "score"):
+        p = _parser(name)
+        base = ["--workdir", "w", *required.get(name, [])]
+        for extra, want in (([], "auto"), (["--progress"], "on"), (["--progress", "off"], "off"),
+                            (["--no-progress"], "off")):
+            args, _ = p.parse_known_args(base + extra)
+            assert args.progress == want, (name, extra)
+        args, _ = p.parse_known_args(base + ["--progress=on"])
+        assert flags.progress(args) is True
+
+
+def test_eval_takes_step_and_its_checkpoint_alias():
+    p = _parser("eval")
+    assert p.parse_args(["--workdir", "w", "--step", "all"]).checkpoint == "all"
+    assert p.parse_args(["--model", "w", "--checkpoint", "8"]).checkpoint == "8"

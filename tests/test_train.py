@@ -237,7 +237,8 @@ def test_nonfinite_stop_checkpoints_last_finite_state(tmp_path):
     assert step == rows[-1]["step"] < 5
     params = checkpoint.restore_params(workdir, step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(_numpy(params)))
-    (data_file,) = glob.glob(os.path.join(workdir, "checkpoints", str(step), "data", "process_*.json"))
+    (data_file,) = glob.glob(os.path.join(workdir, "checkpoints", str(step), "data",
+                                          "process_*.json"))
     reference = build_train_pipeline(config)
     for _ in range(step):
         next(reference)

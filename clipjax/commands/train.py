@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+from clipjax.commands import flags
+
 HELP = "pretrain (or resume) a CLIP model from a config on any mesh; writes WORKDIR"
 TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
@@ -18,13 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workdir", required=True,
         help="run directory: config.json, checkpoints/, metrics.jsonl, tb/; resumes from the "
              "latest checkpoint found there")
-    parser.add_argument(
-        "--progress", choices=("auto", "on", "off"), default="auto",
-        help="progress bar (auto: when stderr is a terminal)")
+    flags.add_progress(parser)
 
 
 def run(args) -> int:
-    import clipjax.losses  # noqa: F401  (registers the loss options' config checks)
     from clipjax import config as config_lib
 
     # Validate before any device is touched or anything compiles (bad keys exit 2 here).
@@ -37,6 +36,6 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from clipjax.train import loop
 
-    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    progress = flags.progress(args)
     return loop.train(config, os.fspath(args.workdir), progress=progress)
 
