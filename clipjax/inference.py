@@ -267,8 +267,10 @@ def _is_single_image(x) -> bool:
 def _mesh(device_ids: tuple[int, ...]):
     import jax
 
+    from clipjax import sharding
+
     by_id = {d.id: d for d in jax.devices()}
-    return jax.sharding.Mesh(np.array([by_id[i] for i in device_ids]), ("batch",))
+    return sharding.device_mesh([by_id[i] for i in device_ids])
 
 
 # Jitted encoders are shared by every ClipModel of the same architecture and
@@ -288,7 +290,7 @@ def _encoder(model_key: str, mesh, tower: str) -> Callable:
             return module.apply({"params": params}, x, method=lambda m, v: m.encode_image(v))
         return module.apply({"params": params}, x, method=lambda m, t: m.encode_text(t))
 
-    batch = NamedSharding(mesh, PartitionSpec("batch"))
+    batch = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(apply, in_shardings=(replicated, batch), out_shardings=batch)
 

@@ -102,6 +102,15 @@ def make_mesh(mesh_cfg: ConfigDict | Mapping[str, int],
     return jax.make_mesh((slices, *shape), names, axis_types=auto, devices=devices)
 
 
+def device_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -> Mesh:
+    """A 1-D mesh over `devices` (default: this process's), for the data-parallel
+    programs of evaluation and inference: the batch is split over `axis`. The devices
+    keep their order (no physical-topology layout, which a subset such as one host's
+    devices of a TPU slice would not satisfy)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    return Mesh(np.array(devices), (axis,), axis_types=(AxisType.Auto,))
+
+
 def rules(config: ConfigDict) -> Rules:
     """`config.sharding_rules` as the tuple of pairs flax expects (with `sharding.strict`);
     the `slices` axis leaves the rules when the mesh has none (`mesh.slices = 1`)."""

@@ -17,8 +17,9 @@ from PIL import Image
 
 from clipjax import checkpoint
 from clipjax.cli import main
+from clipjax.data import idx
 from clipjax.errors import ClipjaxError
-from clipjax.evaluate import datasets, evaluator, results, tasks
+from clipjax.evaluate import evaluator, results, tasks
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +194,7 @@ def test_read_idx_rejects_a_truncated_file(tmp_path):
 
     raw.write_bytes(gzip.open(str(raw) + ".gz").read()[:-3])
     with pytest.raises(ClipjaxError, match="header says"):
-        datasets.read_idx(str(raw))
+        idx.read_idx(str(raw))
 
 
 def test_config_file_drives_a_retrieval_task(tmp_path):
@@ -277,3 +278,43 @@ def test_watch_for_one_step_stops_after_it(tmp_path, idx_dir, classnames):
     t0 = time.time()
     out = evaluator.Evaluator(workdir, opts, log=lambda _: None).run()
     assert sorted(out) == [5] and time.time() - t0 < 120
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
+    """One truncated and one empty file in a class folder, one corrupt sample in a wds
+    shard: each is left out and counted; the rest scores as it does without them."""
+    workdir = str(tmp_path / "imported")
+    save_tiny(workdir, 0)
+    rng = np.random.default_rng(1)
+    clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+    for name in ("circle", "square"):
+        for root in (clean, dirty):
+            (root / "test" / name).mkdir(parents=True)
+        for i in range(4):
+            data = png(int(rng.integers(255)))
+            (clean / "test" / name / f"{i}.png").write_bytes(data)
+            (dirty / "test" / name / f"{i}.png").write_bytes(data)
+    good = (dirty / "test" / "circle" / "0.png").read_bytes()
+    (dirty / "test" / "circle" / "9.png").write_bytes(good[: len(good) // 2])  # truncated
+    (dirty / "test" / "square" / "9.jpg").write_bytes(b"")
+    wds = tmp_path / "wds"
+    (wds / "test").mkdir(parents=True)
+    (wds / "classnames.txt").write_text("circle\nsquare\n")
+    with tarfile.open(wds / "test" / "0.tar", "w") as tar:
+        for i in range(4):
+            image = b"not an image" if i == 2 else png(i * 50)
+            for ext, data in (("png", image), ("cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert main(["eval", "--workdir", workdir, "--no-progress", "--batch-size", "8", "--tasks",
+                 f"clean=folder:{clean},dirty=folder:{dirty},shards=wds:{wds}"]) == 0
+    out = capsys.readouterr().out
+    rec = {t: json.load(open(results.result_path(workdir, t, 0)))
+           for t in ("clean", "dirty", "shards")}
+    assert rec["clean"]["skipped"] == 0 and rec["clean"]["num_examples"] == 8
+    assert rec["dirty"]["skipped"] == 2 and rec["dirty"]["num_examples"] == 8
+    assert rec["dirty"]["skipped_reasons"] == {"decode_error": 1, "empty_image": 1}
+    assert rec["dirty"]["top1"] == rec["clean"]["top1"]
+    assert rec["shards"]["skipped"] == 1 and rec["shards"]["num_examples"] == 3
+    assert "2 skipped" in out and "skipped 2 unreadable image(s)" in out

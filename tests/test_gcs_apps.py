@@ -324,7 +324,7 @@ def test_eval_sources_read_from_the_bucket(tmp_path, bucket_env):
     import io
     import tarfile
 
-    from clipjax import paths
+    from clipjax import imageio, paths
     from clipjax.evaluate import tasks
 
     for name in ("red_fox", "blue_jay"):
@@ -356,7 +356,9 @@ def test_eval_sources_read_from_the_bucket(tmp_path, bucket_env):
     def examples(spec):
         task = tasks.parse(spec)
         src = tasks.load_source(task, "test")
-        rows = [(np.asarray(im).tobytes(), y) for im, y in src]
+        # Sources hand over paths or encoded bytes; the evaluator's workers decode them.
+        rows = [(np.asarray(imageio.read(im) if isinstance(im, str) else imageio.decode(im))
+                 .tobytes(), y) for im, y in src]
         names = tasks.classnames_for(task, src) if src.kind == "classification" else None
         return len(src), src.kind, names, rows
 

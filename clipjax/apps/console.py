@@ -32,7 +32,7 @@ def report_skipped(skipped: Iterable, stream=None) -> int:
     stream = stream or sys.stderr
     n = 0
     for item in skipped:
-        path, reason = (item.path, item.reason) if hasattr(item, "path") else item
+        path, reason = (item.path, item.why) if hasattr(item, "path") else item
         print(f"skipped: {path}: {reason}", file=stream)
         n += 1
     return n

@@ -229,7 +229,7 @@ class EmbeddingCache:
             for ok, pixels, bad in image_files.iter_batches(
                     todo, model.preprocess.pixels, batch_size, workers=workers):
                 for e in bad:
-                    report.skipped.append((e.path, e.reason))
+                    report.skipped.append((e.path, e.why))
                 if ok:
                     emb = model.encode_images(pixels, batch_size=batch_size)
                     for path, row in zip(ok, emb.astype(dtype)):

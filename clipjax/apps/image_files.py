@@ -16,22 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from clipjax import imageio
 from clipjax import paths as paths_lib
 from clipjax.errors import ClipjaxError
+from clipjax.imageio import UnreadableImage, is_image_file
 
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
-})
+__all__ = ["UnreadableImage", "find_images", "is_image_file", "iter_batches", "load_pixels",
+           "open_image", "require_local"]
+
 GLOB_CHARS = frozenset("*?[")
-
-
-class UnreadableImage(Exception):
-    """An image file that PIL cannot decode; `reason` says why."""
-
-    def __init__(self, path: str, reason: str):
-        self.path = path
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 def require_local(path, what: str = "images") -> None:
@@ -41,10 +34,6 @@ def require_local(path, what: str = "images") -> None:
             f"{os.fspath(path)}: {what} are read from local files only (a bucket can hold "
             "the embedding cache and the model, not the images to embed); copy them to "
             "local disk first, e.g. `gcloud storage cp -r URI DIR`")
-
-
-def is_image_file(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
 def find_images(specs: str | Sequence[str], *, recursive: bool = True) -> list[str]:
@@ -78,13 +67,8 @@ def find_images(specs: str | Sequence[str], *, recursive: bool = True) -> list[s
 
 
 def _walk(root: str, recursive: bool) -> Iterable[str]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and is_image_file(name):
-                yield os.path.abspath(os.path.join(dirpath, name))
-        if not recursive:
-            break
+    return (os.path.abspath(os.path.join(root, rel))
+            for rel in imageio.list_images(root, recursive=recursive))
 
 
 def open_image(path: str) -> Image.Image:
@@ -94,12 +78,7 @@ def open_image(path: str) -> Image.Image:
     where open_clip does (after resize and crop).
     """
     require_local(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im
-    except Exception as e:  # PIL raises assorted error types on damaged or hostile files
-        raise UnreadableImage(path, _reason(e)) from None
+    return imageio.read(path, rgb=False)
 
 
 def load_pixels(path: str, transform: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
@@ -107,13 +86,8 @@ def load_pixels(path: str, transform: Callable[[Image.Image], np.ndarray]) -> np
     image = open_image(path)
     try:
         return transform(image)
-    except Exception as e:
-        raise UnreadableImage(path, _reason(e)) from None
-
-
-def _reason(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data
+        raise UnreadableImage("decode_error", imageio.said(e), path) from None
 
 
 def iter_batches(paths: Sequence[str], transform: Callable[[Image.Image], np.ndarray],

@@ -14,10 +14,8 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
-from clipjax import paths
+from clipjax import imageio, paths
 from clipjax.errors import ClipjaxError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -35,14 +33,6 @@ class FolderListing:
         return len(self.files)
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith(".") for part in rel.split("/")[:-1])
-
-
 def scan_folder(root: str, kind: str = "auto") -> FolderListing:
     """Lists a folder as classes or captioned images (kind 'auto' decides from .txt files).
 
@@ -52,11 +42,11 @@ def scan_folder(root: str, kind: str = "auto") -> FolderListing:
     listed = _list(root)
     if listed is None:
         raise ClipjaxError(f"image folder not found: {root}")
-    files = [f for f in listed if not _hidden(f)]
-    images = [f for f in files if _is_image(f.rsplit("/", 1)[-1])]
+    images = imageio.image_paths(listed)
     if not images:
-        raise ClipjaxError(f"{root}: no images (looked for {', '.join(IMAGE_SUFFIXES)})")
-    present = set(files)
+        raise ClipjaxError(f"{root}: no images (looked for "
+                           f"{', '.join(sorted(imageio.IMAGE_EXTENSIONS))})")
+    present = set(listed)
     txts = [posixpath.splitext(p)[0] + ".txt" for p in images]
     has_txt = [t in present for t in txts]
     if kind == "auto":

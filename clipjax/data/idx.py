@@ -36,8 +36,10 @@ def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_DTYPES[raw[2]])
     count = int(np.prod(dims)) if dims else 1
-    if len(raw) - header < count * dtype.itemsize:
-        raise ClipjaxError(f"{name}: holds fewer values than its header's shape {dims}")
+    if len(raw) - header != count * dtype.itemsize:  # truncated, or more than it says
+        raise ClipjaxError(f"{name}: header says {dims} but the file holds "
+                           f"{len(raw) - header} bytes of data (expected "
+                           f"{count * dtype.itemsize})")
     data = np.frombuffer(raw, dtype, count=count, offset=header).reshape(dims)
     return data.astype(dtype.newbyteorder("="))
 

@@ -14,30 +14,21 @@ with its own augmentation: `to_rgb`, `resize_short_side`, `center_crop`,
 from __future__ import annotations
 
 import functools
-import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
-from clipjax import paths
+from clipjax import imageio
 from clipjax.errors import ClipjaxError
+from clipjax.imageio import to_rgb
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB, as open_clip does: `convert("RGB")`.
-
-    Grayscale is replicated over the channels, palette images are looked up,
-    CMYK is converted, and an alpha channel is dropped (not composited).
-    """
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def as_pil(image) -> Image.Image:
@@ -60,17 +51,13 @@ def as_pil(image) -> Image.Image:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Opens and decodes an image file (local or gs://, through clipjax.paths); a missing
-    or undecodable file is a ClipjaxError."""
+    """Opens and decodes an image file (local or gs://), keeping its mode; a missing or
+    undecodable file is a ClipjaxError."""
     try:
-        raw = paths.read_bytes_or_none(path)
-        if raw is None:
-            raise FileNotFoundError(f"no such file: {os.fspath(path)}")
-        with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return im
-    except (OSError, Image.DecompressionBombError, ValueError) as e:
-        raise ClipjaxError(f"cannot read image {os.fspath(path)!r}: {e}") from e
+        return imageio.read(path, rgb=False)
+    except imageio.UnreadableImage as e:
+        raise ClipjaxError(f"cannot read image {os.fspath(path)!r}: {e.reason}"
+                           + (f": {e.detail}" if e.detail else "")) from e
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:

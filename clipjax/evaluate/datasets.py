@@ -12,8 +12,6 @@ absolute or a URI (`gs://...`); tar shards are streamed, not downloaded whole.
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
 import posixpath
 import tarfile
@@ -23,10 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from clipjax import paths
+from clipjax import imageio, paths
+from clipjax.data import idx
 from clipjax.errors import ClipjaxError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 
 
 @dataclass
@@ -49,60 +46,19 @@ class Source:
 
 
 def decode(image) -> Image.Image | np.ndarray:
-    """Bytes → PIL image; arrays and PIL images pass through."""
+    """Bytes → PIL image (an unreadable one raises `imageio.UnreadableImage`); arrays and
+    PIL images pass through. The evaluator's sources hand it encoded bytes and paths
+    instead, decoded on its worker threads, where an unreadable image is skipped."""
     if isinstance(image, bytes | bytearray | memoryview):
-        img = Image.open(io.BytesIO(image))
-        img.load()
-        return img
+        return imageio.decode(bytes(image), rgb=False)
     return image
 
 
 # --------------------------------------------------------------------------- IDX
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Reads an IDX file (the MNIST format), gzipped or not."""
-    try:
-        data = paths.read_bytes(path)
-        if path.endswith(".gz"):
-            data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
-        raise ClipjaxError(f"cannot read IDX file {path}: {e}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ClipjaxError(f"{path}: not an IDX file (bad magic number)")
-    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - offset != expected:
-        raise ClipjaxError(f"{path}: header says {shape} but the file holds "
-                           f"{len(data) - offset} bytes of data (expected {expected})")
-    return np.frombuffer(data, dtype, offset=offset).reshape(shape)
-
-
-def _find(data_dir: str, stem: str) -> str:
-    for name in (f"{stem}.gz", stem):
-        path = os.fspath(paths.join(data_dir, name))
-        if paths.exists(path):
-            return path
-    raise ClipjaxError(f"{data_dir}: no {stem}[.gz]")
-
-
-IDX_SPLITS = {"train": "train", "test": "t10k"}
-
-
 def idx_source(data_dir: str, split: str = "test", name: str = "idx") -> Source:
     """MNIST-style `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]` files."""
-    if split not in IDX_SPLITS:
-        raise ClipjaxError(f"IDX split must be one of {sorted(IDX_SPLITS)}; got {split!r}")
-    prefix = IDX_SPLITS[split]
-    images = read_idx(_find(data_dir, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find(data_dir, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-    if images.ndim != 3 or len(images) != len(labels):
-        raise ClipjaxError(f"{data_dir}: {len(images)} images of shape {images.shape[1:]} "
-                           f"do not pair with {len(labels)} labels")
+    images, labels = idx.load_split(data_dir, split)
     return Source(name, len(labels), lambda: zip(images, labels.tolist(), strict=True))
 
 
@@ -110,9 +66,8 @@ def idx_source(data_dir: str, split: str = "test", name: str = "idx") -> Source:
 
 
 def _images_in(directory: str) -> list[str]:
-    return sorted(
-        os.fspath(paths.join(directory, f)) for f in paths.listdir(directory)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and paths.is_file(paths.join(directory, f)))
+    return [os.fspath(paths.join(directory, f))
+            for f in imageio.list_images(directory, recursive=False)]
 
 
 def subdirs(directory: str) -> list[str]:
@@ -122,9 +77,7 @@ def subdirs(directory: str) -> list[str]:
 
 def open_image(path: str) -> Image.Image:
     """A decoded PIL image of a local or remote file."""
-    if not paths.is_remote(path):
-        return Image.open(path)
-    return decode(paths.read_bytes(path))
+    return imageio.read(path, rgb=False)
 
 
 def folder_source(root: str, name: str = "folder") -> Source:
@@ -139,12 +92,9 @@ def folder_source(root: str, name: str = "folder") -> Source:
     if not items:
         raise ClipjaxError(f"{root}: no images in its class subfolders")
 
-    def examples():
-        for path, label in items:
-            yield open_image(path), label
-
+    # Paths: the evaluator's workers decode them (and skip an unreadable one).
     names = [c.replace("_", " ") for c in classes]
-    return Source(name, len(items), examples, classnames=names)
+    return Source(name, len(items), lambda: iter(items), classnames=names)
 
 
 def caption_folder_source(root: str, name: str = "captions") -> Source:
@@ -161,11 +111,7 @@ def caption_folder_source(root: str, name: str = "captions") -> Source:
     if not items:
         raise ClipjaxError(f"{root}: no image with a non-empty .txt caption file")
 
-    def examples():
-        for path, caps in items:
-            yield open_image(path), caps
-
-    return Source(name, len(items), examples, kind="retrieval")
+    return Source(name, len(items), lambda: iter(items), kind="retrieval")
 
 
 # --------------------------------------------------------------------------- webdataset
@@ -247,10 +193,10 @@ def wds_source(root: str, split: str = "test", name: str = "wds") -> Source:
             if image is None:
                 raise ClipjaxError(f"{root}/{split}: a sample without an image: {sorted(sample)}")
             if kind == "classification":
-                yield decode(image), int(sample["cls"].decode().strip())
+                yield image, int(sample["cls"].decode().strip())  # bytes, decoded later
             else:
                 caps = [c.strip() for c in sample["txt"].decode("utf-8").splitlines()]
-                yield decode(image), [c for c in caps if c]
+                yield image, [c for c in caps if c]
 
     return Source(name, length, examples, classnames=classnames, templates=templates, kind=kind)
 

@@ -21,14 +21,13 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from clipjax import checkpoint as checkpoint_lib
-from clipjax import models
+from clipjax import imageio, models, sharding
 from clipjax.data import preprocess
 from clipjax.inference import ClipModel
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    devices = list(devices if devices is not None else jax.local_devices())
-    return Mesh(np.array(devices), ("data",))
+    return sharding.device_mesh(devices)
 
 
 def abstract_params(model_cfg: ConfigDict, mesh: Mesh):
@@ -57,6 +56,12 @@ class Encoder:
         self.embed_dim = self.model.embed_dim
         self.transform = self.model.preprocess
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self.skipped: list[imageio.UnreadableImage] = []  # since the last take_skipped()
+
+    def take_skipped(self) -> list[imageio.UnreadableImage]:
+        """The unreadable images met since the last call (left out of every batch)."""
+        out, self.skipped = self.skipped, []
+        return out
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.model.encode_texts(list(texts))
@@ -68,7 +73,9 @@ class Encoder:
 
     def encode_examples(self, examples: Iterable[tuple[object, object]],
                         progress=None) -> Iterator[tuple[np.ndarray, list]]:
-        """(image, target) pairs → batches of (embeddings [b, D], targets), in order."""
+        """(image, target) pairs → batches of (embeddings [b, D], targets), in order.
+        An image that cannot be read is left out with its target and kept in
+        `self.skipped`, as training skips and counts a bad sample."""
         pool = concurrent.futures.ThreadPoolExecutor(self.workers)
         try:
             for pixels, targets in self._prepared(examples, pool):
@@ -92,15 +99,29 @@ class Encoder:
                     break
             if not chunk:
                 return None
-            futures = [pool.submit(self.transform.pixels, im) for im, _ in chunk]
+            futures = [pool.submit(self._pixels, im) for im, _ in chunk]
             return futures, [t for _, t in chunk]
 
         nxt = submit()
         while nxt is not None:
             futures, targets = nxt
-            pixels = np.stack([f.result() for f in futures])
+            done = [(f.result(), t) for f, t in zip(futures, targets, strict=True)]
+            self.skipped.extend(p for p, _ in done if isinstance(p, imageio.UnreadableImage))
+            kept = [(p, t) for p, t in done if not isinstance(p, imageio.UnreadableImage)]
             nxt = submit()
-            yield pixels, targets
+            if kept:
+                yield np.stack([p for p, _ in kept]), [t for _, t in kept]
+
+    def _pixels(self, image) -> np.ndarray | imageio.UnreadableImage:
+        """uint8 pixels of an image (PIL, array, encoded bytes or a path), or why not."""
+        try:
+            if isinstance(image, bytes | bytearray | memoryview):
+                image = imageio.decode(bytes(image), rgb=False)
+            elif isinstance(image, str | os.PathLike):
+                image = imageio.read(image, rgb=False)
+            return self.transform.pixels(image)
+        except imageio.UnreadableImage as e:
+            return e
 
 
 def device_summary(mesh: Mesh) -> str:

@@ -14,6 +14,7 @@ checkpoints on an object store.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -192,12 +193,20 @@ class Evaluator:
         for task in self.opts.tasks:
             t1 = time.perf_counter()
             record = {"step": step, "task": task.label, "mode": task.mode}
+            enc.take_skipped()
             if task.mode == "zeroshot":
                 record.update(self._zeroshot(task, step, enc))
             elif task.mode == "linear_probe":
                 record.update(self._linear_probe(task, enc))
             else:
                 record.update(self._retrieval(task, enc))
+            # Unreadable images are left out and counted, as training does.
+            skipped = enc.take_skipped()
+            record["skipped"] = len(skipped)
+            if skipped:
+                record["skipped_reasons"] = dict(collections.Counter(e.reason for e in skipped))
+                self.log(f"step {step} {task.label}: skipped {len(skipped)} unreadable "
+                         f"image(s), e.g. {skipped[0]}")
             record["seconds"] = round(time.perf_counter() - t1, 3)
             cm, names = record.pop("_confusion", None), record.pop("_names", None)
             results.write_json(self.workdir, task.label, step, record)
@@ -318,5 +327,6 @@ def _summary(record: dict) -> str:
                          "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")
              if m in record]
     metrics = "  ".join(f"{m} {100 * record[m]:.2f}%" for m in names)
+    skipped = f", {record['skipped']} skipped" if record.get("skipped") else ""
     return (f"step {record['step']} {record['task']}: {metrics}  "
-            f"({record['num_examples']} images, {record['seconds']:.1f} s)")
+            f"({record['num_examples']} images{skipped}, {record['seconds']:.1f} s)")
