@@ -51,8 +51,8 @@ def suite_dir(tmp_path_factory):
     """GeoDE (classification with region metadata) as DataComp's downloader names it, and
     Flickr30k (retrieval) as CLIP_benchmark's Hugging Face repo names it."""
     d = tmp_path_factory.mktemp("datacomp")
-    rng = np.random.default_rng(0)
-    images = [png(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(12)]
+    rng = np.random.default_rng(0)  # distinct grey images
+    images = [png(int(v), 20) for v in rng.permutation(250)[:12]]
     _wds(d / "wds_geode_test",
          [{"png": im, "cls": str(i % 3).encode(), "npy": _npy([i % 2, 7])}
           for i, im in enumerate(images)],
@@ -130,7 +130,7 @@ def test_hf_names_resolve_to_a_cache_and_fail_in_one_line(tmp_path, monkeypatch)
     cached.mkdir(parents=True)
     (cached / "0.tar").write_bytes(b"")
     assert cbw.resolve("hf:clip-benchmark/wds_cars") == str(tmp_path / "clip-benchmark--wds_cars")
-    import huggingface_hub
+    import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the error path, without the network
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -64,8 +64,13 @@ class InLoopEval:
 
             params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() == 0:
+            from flax import linen as nn
+
             ev = self._get()
-            ev.evaluate_params(step, jax.device_get(params))
+            # Outside the training mesh and its logical-axis rules: the evaluator's own
+            # replicated encoders, exactly as in `clipjax eval`.
+            with jax.set_mesh(None), nn.logical_axis_rules(()):
+                ev.evaluate_params(step, jax.device_get(params))
         return time.perf_counter() - t0
 
     def close(self) -> None:
