@@ -20,7 +20,7 @@ import pytest
 from clipjax.interop import peer
 
 FASHION = "/usr/share/datasets/fashion-mnist"
-N_CLS, N_RET, STEPS = 1000, 300, 60
+N_CLS, N_RET, STEPS = 500, 200, 40
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, "clip_benchmark_peer.py")
 

@@ -146,9 +146,13 @@ def test_in_loop_eval_equals_the_separate_evaluator(tmp_path, suite_dir):
 
     workdir = tmp_path / "run"
     tasks = f"geode=wds:{suite_dir / 'wds_geode_test'}"
+    model = tiny_config().model  # the suite test's architecture: its encoders are compiled
     config = config_lib.load(os.path.join(REPO, "configs", "tiny.py"), [
-        "--config.data.batch_size=8", "--config.model.image.layers=1",
-        "--config.model.text.layers=1", "--config.train.steps=8", "--config.train.ckpt_every=4",
+        f"--config.model.embed_dim={model.embed_dim}",
+        *(f"--config.model.{tower}.{k}={model[tower][k]}" for tower, keys in (
+            ("image", ("image_size", "patch_size", "width", "layers", "heads")),
+            ("text", ("context_length", "width", "heads", "layers"))) for k in keys),
+        "--config.data.batch_size=8", "--config.train.steps=8", "--config.train.ckpt_every=4",
         "--config.train.log_every=4", "--config.train.eval_every=4",
         f"--config.eval.tasks={tasks}", "--config.eval.batch_size=8",
         "--config.train.peak_flops=1e11"])
