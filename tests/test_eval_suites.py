@@ -139,13 +139,13 @@ def test_hf_names_resolve_to_a_cache_and_fail_in_one_line(tmp_path, monkeypatch)
 
 
 def test_in_loop_eval_equals_the_separate_evaluator(tmp_path, suite_dir):
-    """train.eval_every=4 of 8 steps: eval/<task>/{4,8}.json from inside the run; then
-    `clipjax eval --checkpoint 4` on the checkpoint of the same step writes the same
-    numbers (class embeddings recomputed: the cache is removed first)."""
+    """train.eval_every=4 of 8 steps with eval.tasks=datacomp: eval/<task>/{4,8}.json and
+    the suite's table from inside the run; then `clipjax eval --checkpoint 4` on the
+    checkpoint of the same step writes the same numbers (class embeddings recomputed: the
+    in-loop eval/ folder, cache included, is moved away first)."""
     from clipjax.train import loop
 
     workdir = tmp_path / "run"
-    tasks = f"geode=wds:{suite_dir / 'wds_geode_test'}"
     model = tiny_config().model  # the suite test's architecture: its encoders are compiled
     config = config_lib.load(os.path.join(REPO, "configs", "tiny.py"), [
         f"--config.model.embed_dim={model.embed_dim}",
@@ -154,19 +154,24 @@ def test_in_loop_eval_equals_the_separate_evaluator(tmp_path, suite_dir):
             ("text", ("context_length", "width", "heads", "layers"))) for k in keys),
         "--config.data.batch_size=8", "--config.train.steps=8", "--config.train.ckpt_every=4",
         "--config.train.log_every=4", "--config.train.eval_every=4",
-        f"--config.eval.tasks={tasks}", "--config.eval.batch_size=8",
-        "--config.train.peak_flops=1e11"])
+        "--config.eval.tasks=datacomp", f"--config.eval.data_dir={suite_dir}",
+        "--config.eval.batch_size=8", "--config.train.peak_flops=1e11"])
     assert loop.train(config, str(workdir), progress=False) == 0
-    in_loop = {s: json.loads((workdir / "eval" / "geode" / f"{s}.json").read_text())
-               for s in (4, 8)}
-    assert in_loop[4]["top1"] is not None and in_loop[4]["step"] == 4
+    names = ("fairness-geode", "retrieval-flickr30k")
+    in_loop = {(t, s): json.loads((workdir / "eval" / t / f"{s}.json").read_text())
+               for t in names for s in (4, 8)}
+    assert in_loop["fairness-geode", 4]["step"] == 4
+    assert "top1_worst_group" in in_loop["fairness-geode", 8]
+    assert "average over the 2 of 38" in (workdir / "eval" / "datacomp" / "8.md").read_text()
     assert (workdir / "tb" / "eval").is_dir()
     shutil.move(workdir / "eval", tmp_path / "in_loop_eval")
-    assert main(["eval", "--workdir", str(workdir), "--tasks", tasks, "--checkpoint", "4",
-                 "--batch-size", "8", "--no-progress"]) == 0
-    separate = json.loads((workdir / "eval" / "geode" / "4.json").read_text())
+    assert main(["eval", "--workdir", str(workdir), "--tasks", "datacomp", "--data-dir",
+                 str(suite_dir), "--checkpoint", "4", "--batch-size", "8",
+                 "--no-progress"]) == 0
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
-    assert drop(separate) == drop(in_loop[4])
+    for t in names:
+        separate = json.loads((workdir / "eval" / t / "4.json").read_text())
+        assert drop(separate) == drop(in_loop[t, 4]), t
 
 
 def test_eval_every_without_tasks_is_refused(tmp_path):

@@ -28,6 +28,7 @@ class InLoopEval:
         self.workdir = workdir
         self.config = config
         self._evaluator = None
+        self._plans: list = []
         if self.every and not config.eval.tasks:
             raise ClipjaxError("train.eval_every needs eval.tasks (e.g. "
                                "--config.eval.tasks=fashion_mnist)")
@@ -44,7 +45,7 @@ class InLoopEval:
             from clipjax.evaluate import evaluator, suites, tasks
 
             e = self.config.eval
-            task_text, _ = suites.expand(e.tasks, e.data_dir, log=self._log) \
+            task_text, self._plans = suites.expand(e.tasks, e.data_dir, log=self._log) \
                 if any(s.strip() in suites.SUITES for s in e.tasks.split(",")) \
                 else (e.tasks, [])
             opts = evaluator.options_from_config(self.config, tasks.parse_list(task_text),
@@ -70,7 +71,11 @@ class InLoopEval:
             # Outside the training mesh and its logical-axis rules: the evaluator's own
             # replicated encoders, exactly as in `clipjax eval`.
             with jax.set_mesh(None), nn.logical_axis_rules(()):
-                ev.evaluate_params(step, jax.device_get(params))
+                out = ev.evaluate_params(step, jax.device_get(params))
+            if self._plans:  # a suite in eval.tasks: its table, as `clipjax eval` writes it
+                from clipjax.evaluate import suites
+
+                suites.report(self.workdir, self._plans, {step: out}, log=self._log)
         return time.perf_counter() - t0
 
     def close(self) -> None:
