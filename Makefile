@@ -5,8 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.clipjax-installed
-# The reference peer, installed without its dependencies (they would pull a CUDA torch).
-PEER := open-clip-torch==3.3.0 timm==1.0.31 torchvision==0.28.0
+# The reference peers, installed without their dependencies (they would pull a CUDA torch;
+# CLIP_benchmark's would also pull transformers): open_clip, and CLIP_benchmark with the
+# one module its CLI imports (pycocoevalcap) for the parity test of `clipjax eval`.
+PEER := open-clip-torch==3.3.0 timm==1.0.31 torchvision==0.28.0 clip-benchmark==1.6.2 \
+        pycocoevalcap==1.2
 
 .PHONY: venv demo test lint bench clean
 

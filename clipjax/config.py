@@ -148,6 +148,7 @@ def default_config() -> ConfigDict:
     c.train.nonfinite = "skip"  # skip | stop
     c.train.peak_flops = 0.0  # per device; 0 = measure a matmul at start-up
     c.train.init_from = ""  # workdir or checkpoint to take initial params from
+    c.train.eval_every = 0  # >0: run eval.tasks in the training process every N steps
     c.train.init_from_keys = ".*"  # regex: which param paths init_from supplies (LiT: 'image/.*')
 
     c.mesh = ConfigDict()
@@ -226,6 +227,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "data.workers", "data.prefetch", "loss.chunk", "optim.lr", "optim.weight_decay",
     "optim.warmup_steps", "optim.clip_norm", "train.keep_every", "train.peak_flops",
+    "train.eval_every",
     "eval.max_examples", "eval.linear_probe_max_train",
     "data.threads", "data.train.shuffle_window",
 )

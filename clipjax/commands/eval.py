@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --watch: seconds between looks at checkpoints/ (default 10)")
     p.add_argument("--tasks", default=None, metavar="NAME[,NAME...]",
                    help="built-in tasks (--tasks help lists them) or SOURCE:PATH tasks, "
-                        "e.g. fashion_mnist,cifar10@linear_probe,pets=folder:/data/pets")
+                        "e.g. fashion_mnist,cifar10@linear_probe,pets=folder:/data/pets; "
+                        "or a suite, datacomp or clip_benchmark, read from --data-dir")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="where built-in tasks find their data: IDX files, CLIP_benchmark wds, "
                         "class folders, or a TFDS data_dir")
@@ -60,6 +61,10 @@ def _list_tasks() -> str:
     lines.append("other sources: " + ", ".join(
         f"{s}:{'NAME' if s == 'tfds' else 'PATH'}" for s in tasks.SOURCES))
     lines.append("template sets: " + ", ".join(prompts.builtin_templates()))
+    from clipjax.evaluate import suites
+
+    lines.append("suites (webdatasets under --data-dir): " + ", ".join(
+        f"{k} ({len(v)} datasets)" for k, v in suites.SUITES.items()))
     return "\n".join(lines)
 
 
@@ -82,6 +87,9 @@ def run(args) -> int:
     if not task_text:
         raise ClipjaxError("give --tasks NAME[,NAME...] or --config with eval.tasks; known "
                            f"tasks: {', '.join(tasks.known_tasks())}")
+    from clipjax.evaluate import suites
+
+    task_text, plans = suites.expand(task_text, args.data_dir or config.eval.data_dir)
     task_list = tasks.parse_list(task_text)
 
     from clipjax.evaluate import evaluator
@@ -95,5 +103,8 @@ def run(args) -> int:
         progress=flags.progress(args))
     if opts.batch_size <= 0:
         raise ClipjaxError(f"--batch-size must be positive; got {opts.batch_size}")
-    evaluator.Evaluator(args.workdir, opts).run()
+    ev = evaluator.Evaluator(args.workdir, opts)
+    out = ev.run()
+    if plans:  # --tasks datacomp / clip_benchmark: the suite's table and average
+        suites.report(ev.workdir, plans, out, opts.checkpoint)
     return 0

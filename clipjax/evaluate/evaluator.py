@@ -33,6 +33,7 @@ from clipjax import paths
 from clipjax.errors import ClipjaxError
 from clipjax.evaluate import datasets, linear_probe, results, retrieval, tasks, zeroshot
 from clipjax.evaluate import encoder as encoder_lib
+from clipjax.evaluate import suite_metrics as extra_metrics
 
 CACHE_DIR = "cache"
 
@@ -188,6 +189,10 @@ class Evaluator:
         params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh)
         self.log(f"step {step}: restored params in {time.perf_counter() - t0:.1f} s on "
                  f"{encoder_lib.device_summary(self.mesh)}")
+        return self.evaluate_params(step, params)
+
+    def evaluate_params(self, step: int, params) -> dict[str, dict]:
+        """Scores `params` (a checkpoint's, or the training loop's live ones) as step `step`."""
         enc = self.encoder(params)
         out = {}
         for task in self.opts.tasks:
@@ -254,16 +259,22 @@ class Evaluator:
         templates = tasks.templates_for(task, source, self.opts.templates)
         classifier = self._classifier(task, step, enc, names, templates)
         acc = zeroshot.Accumulator(len(names))
+        extra = extra_metrics.for_task(task, source)  # DataComp's worst-group / F1 metrics
         examples, n, bar = self._examples(source, self.opts.max_examples, task.label)
         with bar:
             for emb, labels in enc.encode_examples(examples, progress=bar):
                 try:
-                    acc.update(zeroshot.logits(emb, classifier), np.asarray(labels))
+                    scores = zeroshot.logits(emb, classifier)
+                    acc.update(scores, np.asarray(labels))
                 except ValueError as e:
                     raise ClipjaxError(f"task {task.label}: {e} ({len(names)} class names)") \
                         from None
+                if extra is not None:
+                    extra.update(scores, labels)
         record = {"num_examples": acc.count, "num_classes": len(names),
                   "num_templates": len(templates), **acc.metrics()}
+        if extra is not None:
+            record.update(extra.metrics(acc.cm))
         if self.opts.confusion_matrix:
             record["_confusion"], record["_names"] = acc.cm, names
         return record

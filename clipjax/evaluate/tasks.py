@@ -166,6 +166,10 @@ def load_source(task: Task, split: str, data_dir: str = "") -> datasets.Source:
     if sep:
         if source == "tfds":
             return datasets.tfds_source(arg, split, data_dir, task.label)
+        if source == "wds":  # a Hugging Face dataset name is downloaded to a cache first
+            from clipjax.evaluate.clip_benchmark_wds import resolve
+
+            arg = resolve(arg, split)
         if not paths.exists(arg):
             raise ClipjaxError(f"task {task.label}: {arg} does not exist")
         arg = paths.to_str(arg)

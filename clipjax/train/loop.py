@@ -23,6 +23,7 @@ from clipjax.errors import ClipjaxError
 from clipjax.train import program as program_lib
 from clipjax.train import run_config, warmstart
 from clipjax.train.checkpointing import Checkpointer
+from clipjax.train.in_loop_eval import InLoopEval
 
 log = logging.getLogger("clipjax.train")
 
@@ -208,6 +209,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
     step = start
     last_time, last_step, data_wait = time.perf_counter(), start, 0.0
     watch = _NonfiniteWatch() if config.train.nonfinite == "stop" else None
+    in_loop_eval = InLoopEval(config, workdir)  # train.eval_every: zero-shot in this process
 
     def log(step: int, out: dict[str, Any]) -> None:
         nonlocal last_time, last_step, data_wait
@@ -255,6 +257,8 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                     ckpt.save(state, pipeline)
                     # Saving (the device→host copy; writing is async) is not step time.
                     last_time += time.perf_counter() - t_save
+                if in_loop_eval.due(step, total):  # not step time either
+                    last_time += in_loop_eval.run(step, state.params)
                 if preempted:
                     ckpt.save(state, pipeline, force=True, metadata={"reason": "preempted"})
                     print(f"clipjax train: SIGTERM: saved step {step}, exiting", flush=True)
@@ -262,6 +266,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
     finally:
         ckpt.close()
         writer.close()
+        in_loop_eval.close()
     return status
 
 
