@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clipjax {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user gave that cannot be read or written: one line
+        if not e.filename or e.strerror is None:
+            raise
+        target = f" -> {e.filename2}" if e.filename2 else ""
+        print(f"clipjax {name}: error: {e.filename}{target}: {e.strerror}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

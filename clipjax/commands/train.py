@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run directory: config.json, checkpoints/, metrics.jsonl, tb/; resumes from the "
              "latest checkpoint found there")
     parser.add_argument(
-        "--progress", choices=("auto", "on", "off"), default="auto",
-        help="progress bar (auto: when stderr is a terminal)")
+        "--progress", choices=("auto", "on", "off"), default="auto", nargs="?", const="on",
+        help="progress bar (auto: when stderr is a terminal; a bare --progress means on)")
 
 
 def run(args) -> int:

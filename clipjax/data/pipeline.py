@@ -26,7 +26,10 @@ would have.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import re
+import signal
 import sys
 import weakref
 from collections.abc import Callable
@@ -38,7 +41,7 @@ from ml_collections import ConfigDict
 
 from clipjax.data import sources as sources_lib
 from clipjax.data.transform import PositionSeeded, SkipCountingBatch, TrainTransform
-from clipjax.errors import ClipjaxError, ConfigError
+from clipjax.errors import ClipjaxError, ConfigError, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class TrainPipeline(grain.DatasetIterator):
         self.skipped: dict[str, int] = dict(startup_skipped or {})
         self.first_bad: list[str] = []
         self.keep_bad = LOG_FIRST_BAD  # how many bad keys to keep (and log)
+        self._workers: dict[int, str] | None = None
         _LIVE.add(self)
 
     def _inner(self) -> grain.DatasetIterator:
@@ -86,7 +90,14 @@ class TrainPipeline(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         while True:
-            batch = next(self._inner())
+            try:
+                batch = next(self._inner())
+            except RuntimeError as e:
+                if WORKER_DIED not in str(e):
+                    raise
+                raise _worker_death(e, self._workers) from None
+            if self._workers is None:  # the worker processes, to name one that dies
+                self._workers = _grain_workers()
             nxt = batch.pop("_next")
             if nxt is not None:
                 self.next_record = int(nxt)
@@ -125,6 +136,7 @@ class TrainPipeline(grain.DatasetIterator):
         if self._it is not None:
             self._it.close()
             self._it = None
+        self._workers = None
         self.next_record = int(state["next_record"])
         self.skipped = {str(k): int(v) for k, v in state["skipped"].items()}
         self.first_bad = list(state["first_bad"])
@@ -270,7 +282,8 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
             if workers > 0:
                 _absl_flags_ready()
                 it = it.mp_prefetch(grain.MultiprocessingOptions(
-                    num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+                    num_workers=workers, per_worker_buffer_size=max(1, prefetch)),
+                    worker_init_fn=_worker_init)
             elif prefetch > 0:
                 it = grain.experimental.ThreadPrefetchIterDataset(
                     it, prefetch_buffer_size=prefetch)
@@ -303,7 +316,8 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
             _absl_flags_ready()
             it = it.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=workers,
-                per_worker_buffer_size=min(1024, max(1, prefetch) * max(1, -(-b // workers)))))
+                per_worker_buffer_size=min(1024, max(1, prefetch) * max(1, -(-b // workers)))),
+                worker_init_fn=_worker_init)
         it = SkipCountingBatch(it, b, mean, std, drop_remainder=False, give_up_after=give_up)
         if prefetch > 0:
             it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
@@ -311,6 +325,45 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
 
     return TrainPipeline(build, batch_size=b, num_samples=num_samples, startup_skipped=skipped,
                          process_index=process_index, process_count=process_count)
+
+
+WORKER_DIED = "Worker process was terminated unexpectedly"
+
+
+def _worker_init(index: int, count: int) -> None:
+    """In each data worker: a Ctrl-C at the terminal reaches the whole process group, and
+    the trainer (not its workers) decides what it means, so workers ignore SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _grain_workers() -> dict[int, str]:
+    import multiprocessing
+
+    return {c.pid: c.name for c in multiprocessing.active_children()
+            if c.name.startswith("grain-")}
+
+
+def _worker_death(err: RuntimeError, workers: dict[int, str] | None) -> WorkerDied:
+    """grain's 'worker terminated' error as one line naming the worker and its signal;
+    the surviving workers are stopped now (grain would wait 25 s for each)."""
+    match = re.search(r"exit code (-?\d+)", str(err))
+    code = int(match.group(1)) if match else None
+    how = f"exit code {code}" if code is not None else "an unknown exit status"
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            how = f"signal {signal.Signals(-code).name} (exit code {code})"
+    alive = _grain_workers()
+    dead = sorted(set(workers or {}) - set(alive))
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.pid in alive:
+            child.kill()
+    which = f" (pid {', '.join(map(str, dead))})" if dead else ""
+    return WorkerDied(
+        f"a data worker process{which} died of {how}; the input pipeline cannot continue. "
+        "Run the same command to resume from the last checkpoint (if the system killed it "
+        "for memory, lower data.workers or data.threads)")
 
 
 def _absl_flags_ready() -> None:

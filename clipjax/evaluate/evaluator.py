@@ -184,7 +184,10 @@ class Evaluator:
 
     def evaluate_step(self, step: int) -> dict[str, dict]:
         t0 = time.perf_counter()
-        params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh)
+        try:
+            params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh)
+        except checkpoint_lib.UnreadableCheckpoint as e:
+            raise ClipjaxError(f"{e}; {self._earlier_good(step)}") from None
         self.log(f"step {step}: restored params in {time.perf_counter() - t0:.1f} s on "
                  f"{encoder_lib.device_summary(self.mesh)}")
         enc = self.encoder(params)
@@ -208,6 +211,20 @@ class Evaluator:
             self.log(_summary(record))
             out[task.label] = record
         return out
+
+    def _earlier_good(self, step: int, tries: int = 3) -> str:
+        """The advice after an unreadable checkpoint: the newest earlier step that restores."""
+        earlier = [s for s in checkpoint_lib.finalized_steps(self.workdir) if s < step]
+        for s in list(reversed(earlier))[:tries]:
+            try:
+                encoder_lib.restore(self.workdir, s, self.model_cfg, self.mesh)
+            except ClipjaxError:
+                continue
+            return f"evaluate the newest good one with --checkpoint {s}"
+        if not earlier:
+            return "no earlier checkpoint exists"
+        return (f"the {min(tries, len(earlier))} before it fail too; pick one of "
+                f"{earlier} with --checkpoint STEP")
 
     def _tensorboard(self) -> results.TensorBoard:
         if self._tb is None:
