@@ -188,6 +188,9 @@ def default_config() -> ConfigDict:
     c.eval.confusion_matrix = False
     c.eval.max_examples = 0  # per task and split; 0 = all
     c.eval.linear_probe_max_train = 10000
+    # retrieval hits: index (the pair's own caption/image) | caption (also any identical
+    # caption), reported as extra `_caption` metrics beside the standard ones
+    c.eval.positives = "index"
     return c
 
 
@@ -215,6 +218,7 @@ _CHOICES = {
     "optim.warmup_init": ("zero", "one_step"),
     "train.nonfinite": ("skip", "stop"),
     "runtime.distributed": ("auto", "on", "off"),
+    "eval.positives": ("index", "caption"),
 }
 
 _POSITIVE = (
