@@ -79,7 +79,7 @@ class TrainPipeline(grain.DatasetIterator):
         self.skipped: dict[str, int] = dict(startup_skipped or {})
         self.first_bad: list[str] = []
         self.keep_bad = LOG_FIRST_BAD  # how many bad keys to keep (and log)
-        self._workers: dict[int, str] | None = None
+        self._workers: list | None = None  # the worker processes (multiprocessing.Process)
         _LIVE.add(self)
 
     def _inner(self) -> grain.DatasetIterator:
@@ -90,13 +90,17 @@ class TrainPipeline(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         while True:
+            # A dead worker is noticed here, at the next batch: grain itself would notice
+            # only once the batches already buffered from it are used up.
+            _check_workers(self._workers)
             try:
                 batch = next(self._inner())
             except RuntimeError as e:
                 if WORKER_DIED not in str(e):
                     raise
-                raise _worker_death(e, self._workers) from None
-            if self._workers is None:  # the worker processes, to name one that dies
+                match = re.search(r"exit code (-?\d+)", str(e))
+                raise _worker_death(int(match.group(1)) if match else None, None) from None
+            if self._workers is None:
                 self._workers = _grain_workers()
             nxt = batch.pop("_next")
             if nxt is not None:
@@ -336,30 +340,30 @@ def _worker_init(index: int, count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _grain_workers() -> dict[int, str]:
+def _grain_workers() -> list:
     import multiprocessing
 
-    return {c.pid: c.name for c in multiprocessing.active_children()
-            if c.name.startswith("grain-")}
+    return [c for c in multiprocessing.active_children() if c.name.startswith("grain-")]
 
 
-def _worker_death(err: RuntimeError, workers: dict[int, str] | None) -> WorkerDied:
-    """grain's 'worker terminated' error as one line naming the worker and its signal;
-    the surviving workers are stopped now (grain would wait 25 s for each)."""
-    match = re.search(r"exit code (-?\d+)", str(err))
-    code = int(match.group(1)) if match else None
+def _check_workers(workers: list | None) -> None:
+    for proc in workers or ():
+        code = proc.exitcode  # a non-blocking waitpid
+        if code is not None and code != 0:
+            raise _worker_death(code, proc.pid)
+
+
+def _worker_death(code: int | None, pid: int | None) -> WorkerDied:
+    """A dead worker as one line naming it and its signal; the surviving workers are
+    stopped now (grain would wait 25 s for each)."""
     how = f"exit code {code}" if code is not None else "an unknown exit status"
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
             how = f"signal {signal.Signals(-code).name} (exit code {code})"
-    alive = _grain_workers()
-    dead = sorted(set(workers or {}) - set(alive))
-    import multiprocessing
-
-    for child in multiprocessing.active_children():
-        if child.pid in alive:
+    for child in _grain_workers():
+        if child.exitcode is None:
             child.kill()
-    which = f" (pid {', '.join(map(str, dead))})" if dead else ""
+    which = f" (pid {pid})" if pid else ""
     return WorkerDied(
         f"a data worker process{which} died of {how}; the input pipeline cannot continue. "
         "Run the same command to resume from the last checkpoint (if the system killed it "

@@ -271,9 +271,11 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                     status = preemption.exit_status
                     break
     except WorkerDied:  # the state and the data position agree: keep them (one process)
-        if jax.process_count() == 1 and ckpt.save(state, pipeline, force=True,
-                                                  metadata={"reason": "data worker died"}):
-            print(f"clipjax train: saved step {step} before stopping", flush=True)
+        if jax.process_count() == 1:
+            print(f"clipjax train: a data worker died at step {step}: saving it, then "
+                  "stopping", flush=True)
+            if ckpt.save(state, pipeline, force=True, metadata={"reason": "data worker died"}):
+                print(f"clipjax train: saved step {step} before stopping", flush=True)
         raise
     finally:
         ckpt.close()
