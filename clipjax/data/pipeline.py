@@ -80,11 +80,15 @@ class TrainPipeline(grain.DatasetIterator):
         self.first_bad: list[str] = []
         self.keep_bad = LOG_FIRST_BAD  # how many bad keys to keep (and log)
         self._workers: list | None = None  # the worker processes (multiprocessing.Process)
+        self._others: set[int] = set()
         _LIVE.add(self)
 
     def _inner(self) -> grain.DatasetIterator:
         if self._it is None:
             self._assert_not_closed()
+            # Workers start on the first `next`: those alive now belong to other pipelines.
+            self._others = {c.pid for c in _grain_workers()}
+            self._workers = None
             self._it = self._make(self.next_record)
         return self._it
 
@@ -92,16 +96,17 @@ class TrainPipeline(grain.DatasetIterator):
         while True:
             # A dead worker is noticed here, at the next batch: grain itself would notice
             # only once the batches already buffered from it are used up.
-            _check_workers(self._workers)
+            _check_workers(self._workers)  # (and stops the others of this pipeline)
             try:
                 batch = next(self._inner())
             except RuntimeError as e:
                 if WORKER_DIED not in str(e):
                     raise
                 match = re.search(r"exit code (-?\d+)", str(e))
-                raise _worker_death(int(match.group(1)) if match else None, None) from None
-            if self._workers is None:
-                self._workers = _grain_workers()
+                raise _worker_death(int(match.group(1)) if match else None, None,
+                                    self._workers) from None
+            if self._workers is None:  # this iterator's worker processes, now started
+                self._workers = [c for c in _grain_workers() if c.pid not in self._others]
             nxt = batch.pop("_next")
             if nxt is not None:
                 self.next_record = int(nxt)
@@ -350,17 +355,17 @@ def _check_workers(workers: list | None) -> None:
     for proc in workers or ():
         code = proc.exitcode  # a non-blocking waitpid
         if code is not None and code != 0:
-            raise _worker_death(code, proc.pid)
+            raise _worker_death(code, proc.pid, workers)
 
 
-def _worker_death(code: int | None, pid: int | None) -> WorkerDied:
-    """A dead worker as one line naming it and its signal; the surviving workers are
-    stopped now (grain would wait 25 s for each)."""
+def _worker_death(code: int | None, pid: int | None, workers: list | None) -> WorkerDied:
+    """A dead worker as one line naming it and its signal; the pipeline's surviving
+    workers are stopped now (grain would wait 25 s for each)."""
     how = f"exit code {code}" if code is not None else "an unknown exit status"
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
             how = f"signal {signal.Signals(-code).name} (exit code {code})"
-    for child in _grain_workers():
+    for child in workers or ():
         if child.exitcode is None:
             child.kill()
     which = f" (pid {pid})" if pid else ""
