@@ -35,8 +35,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check clipjax configs tests benchmarks launch
 
+# --dist loadfile: a test file runs on one worker, so its module fixtures (compiled
+# programs, reference runs) are built once, not once per worker.
 test: lint
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadfile -q
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

@@ -3,8 +3,11 @@
 Each command module defines `HELP` (one line), `add_arguments(parser)` and
 `run(args) -> int`. Only the chosen command's module is imported, so
 `clipjax --help` stays fast and a command's heavy imports cost nothing to others.
-Commands that take a config receive the `--config` / `--config.k=v` arguments
-untouched in `args.config_args` (parsed by `clipjax.config.load`).
+Commands that take a config (`TAKES_CONFIG = True`) receive the `--config` /
+`--config.k=v` arguments untouched in `args.config_args` (parsed by
+`clipjax.config.load`); the others refuse them rather than ignore them.
+An exception that is not a `ClipjaxError` is a bug: one line names it and the file
+that holds its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import tempfile
+import traceback
 
 # name -> module; the order is the order of `clipjax --help`.
 COMMANDS = {
@@ -71,17 +76,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, modules
 
 
-def _help_line(mod: str) -> str:
-    # Read HELP without importing the module (imports may be heavy).
+def _constant(mod: str, name: str) -> str:
+    """A module's `NAME = value` line, read without importing it (imports may be heavy)."""
     spec = importlib.util.find_spec(mod)
     try:
         with open(spec.origin, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("HELP = "):
-                    return line.split("=", 1)[1].strip().strip("\"'")
+                if line.startswith(f"{name} = "):
+                    return line.split("=", 1)[1].split("#")[0].strip().strip("\"'")
     except OSError:
         pass
     return ""
+
+
+def _help_line(mod: str) -> str:
+    return _constant(mod, "HELP")
+
+
+def _takes_config(mod: str) -> bool:
+    return _constant(mod, "TAKES_CONFIG") == "True"
 
 
 def command_parser(name: str, module) -> argparse.ArgumentParser:
@@ -116,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         runtime.configure_process()
     module = importlib.import_module(modules[name])
     rest, config_args = _split_config_args(argv[1:])
+    if config_args and not getattr(module, "TAKES_CONFIG", False):
+        flag = config_args[0].split("=", 1)[0]
+        print(f"clipjax {name}: error: {flag}: this command takes no config "
+              "(the commands that do: "
+              f"{', '.join(n for n, m in modules.items() if _takes_config(m))})",
+              file=sys.stderr)
+        return 2
     args = command_parser(name, module).parse_args(rest)
     args.config_args = config_args
     from clipjax.errors import ClipjaxError
@@ -130,10 +150,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:  # a path the user gave that cannot be read or written: one line
         if not e.filename or e.strerror is None:
-            raise
+            return _unexpected(name, e)
         target = f" -> {e.filename2}" if e.filename2 else ""
         print(f"clipjax {name}: error: {e.filename}{target}: {e.strerror}", file=sys.stderr)
         return 1
+    except Exception as e:
+        return _unexpected(name, e)
+
+
+def _unexpected(name: str, e: BaseException) -> int:
+    """A bug: one line here, the traceback in a file."""
+    path = _write_traceback(name)
+    print(f"clipjax {name}: unexpected error: {type(e).__name__}: {e} "
+          f"(full traceback in {path})", file=sys.stderr)
+    return 1
+
+
+def _write_traceback(name: str) -> str:
+    with tempfile.NamedTemporaryFile("w", prefix=f"clipjax-{name}-", suffix=".traceback",
+                                     delete=False) as f:
+        f.write(f"clipjax {' '.join(sys.argv[1:])}\n\n")
+        traceback.print_exc(file=f)
+        return f.name
 
 
 if __name__ == "__main__":

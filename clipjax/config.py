@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import ml_collections
 from ml_collections import ConfigDict
@@ -237,16 +237,6 @@ _NON_NEGATIVE = (
     "data.threads", "data.train.shuffle_window",
 )
 
-# Extra checks other modules register: fn(config) -> None, raising ConfigError.
-_CHECKS: list[Callable[[ConfigDict], None]] = []
-
-
-def register_check(fn: Callable[[ConfigDict], None]) -> Callable[[ConfigDict], None]:
-    """Adds a consistency check that `validate` runs after the built-in ones."""
-    _CHECKS.append(fn)
-    return fn
-
-
 def _flatten(d, prefix=""):
     out = {}
     for k, v in d.items():
@@ -331,11 +321,22 @@ def validate(config: ConfigDict) -> ConfigDict:
             raise ConfigError(key, f"must be >= 0; got {values[key]!r}")
     _check_model(config.model)
     _check_mesh(config)
-    import clipjax.losses  # noqa: F401  (registers the loss options' checks)
-
-    for check in _CHECKS:
-        check(config)
+    _check_loss(config)
     return config
+
+
+def _check_loss(config: ConfigDict) -> None:
+    """`loss.chunk` only tiles the ring, and must divide every device's micro-batch."""
+    chunk = config.loss.chunk
+    if chunk and config.loss.impl != "ring":
+        raise ConfigError("loss.chunk", "tiles the ring loss only: set loss.impl='ring' or 0")
+    micro = config.data.batch_size // max(config.train.grad_accum, 1)
+    if chunk and micro % chunk:
+        raise ConfigError(
+            "loss.chunk", f"{chunk} does not divide the micro-batch {micro} "
+            "(data.batch_size / train.grad_accum)")
+    if not math.isfinite(config.loss.logit_scale_max):
+        raise ConfigError("loss.logit_scale_max", "must be finite")
 
 
 def _check_model(m: ConfigDict) -> None:

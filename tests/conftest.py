@@ -26,6 +26,30 @@ def repo_root() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def cli_data(tmp_path_factory):
+    """Image-caption pairs (a folder, webdataset shards, a sentencepiece model)."""
+    import train_cli
+
+    return train_cli.make_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="session")
+def cli_reference(tmp_path_factory, cli_data):
+    """One uninterrupted `clipjax train` with `--workdir runs/ref` typed from another
+    directory, augmentation on: the run every interrupted, resumed, relocated or
+    multi-process run of the CLI tests must reproduce."""
+    import train_cli
+
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    code, out = train_cli.finish(train_cli.start(
+        train_cli.reference_args("runs/ref", cli_data), cwd=str(cwd)))
+    assert code == 0, out[-3000:]
+    workdir = str(cwd / "runs" / "ref")
+    return {"workdir": workdir, "cwd": str(cwd), "out": out,
+            "rows": train_cli.local_rows(workdir), "params": train_cli.final_params(workdir)}
+
+
+@pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
     """A real GCS API server (fake-gcs-server) for the whole session, bucket `bucket1`.
 
@@ -46,3 +70,4 @@ def gcs_env(gcs, monkeypatch):
     for k, v in gcs.env().items():
         monkeypatch.setenv(k, v)
     return gcs
+

@@ -8,6 +8,8 @@ program compiles once for the whole module.
 from __future__ import annotations
 
 import functools
+import glob
+import json
 import logging
 import math
 import os
@@ -219,18 +221,44 @@ def test_nonfinite_loss_skips_the_update():
 
 
 def test_nonfinite_stop_checkpoints_last_finite_state(tmp_path):
+    """The loss goes non-finite long before the loop looks (every 5 steps, no per-step
+    device_get): the frozen state, that step's metrics and the input position after it
+    are what is saved."""
     workdir = str(tmp_path / "w")
     config = tiny("--config.train.nonfinite=stop", "--config.optim.lr=1e30",
                   "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0.0",
-                  "--config.train.peak_flops=1e11", "--config.train.steps=6")
+                  "--config.train.peak_flops=1e11", "--config.train.steps=6",
+                  "--config.train.log_every=5", "--config.train.ckpt_every=100")
     status = loop.train(config, workdir, progress=False)
     assert status == loop.EXIT_NONFINITE
     rows = _rows(workdir)
     assert not math.isfinite(rows[-1]["loss"]) and rows[-1]["nonfinite_steps"] == 1
     step = checkpoint.finalized_steps(workdir)[-1]
-    assert step == rows[-1]["step"] < 6
+    assert step == rows[-1]["step"] < 5
     params = checkpoint.restore_params(workdir, step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(_numpy(params)))
+    (data_file,) = glob.glob(os.path.join(workdir, "checkpoints", str(step), "data",
+                                          "process_*.json"))
+    reference = build_train_pipeline(config)
+    for _ in range(step):
+        next(reference)
+    with open(data_file) as f:
+        assert json.load(f)["next_record"] == reference.get_state()["next_record"]
+    reference.close()
+
+
+def test_frozen_step_returns_the_state_unchanged():
+    config = tiny("--config.train.nonfinite=stop")
+    program = program_lib.build(config, _mesh(config, (8, 1, 1)))
+    state = program.init()
+    bad = dict(batches()[0])
+    bad["image"] = np.full_like(bad["image"], np.nan)
+    state, out = program.step(state, program.global_batch(bad))
+    assert int(out["skipped"]) == 1 and int(out["frozen"]) == 0 and int(state.step) == 1
+    before = _numpy(state)
+    state, out = program.step(state, program.global_batch(batches()[1]))  # finite, but frozen
+    assert int(out["skipped"]) == 0 and int(out["frozen"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, _numpy(state), before)
 
 
 def _rows(workdir):

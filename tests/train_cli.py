@@ -80,6 +80,28 @@ def args(workdir, data_dir, *extra, steps: int, ckpt_every: int):
             "--config.model.text.layers=1", *extra]
 
 
+# The reference run of the CLI tests (conftest's `cli_reference`).
+STEPS, CKPT_EVERY = 16, 4
+
+
+def reference_args(workdir, data_dir, *extra, steps: int = STEPS):
+    """Webdataset shards, augmentation on (crops, flips and caption draws all follow
+    (seed, epoch, global position), whatever the process count and through resumes);
+    checkpoints every 4 steps, the last two kept and every 8th."""
+    return args(workdir, data_dir, *augmented_shards(data_dir), "--config.train.keep_every=8",
+                *extra, steps=steps, ckpt_every=CKPT_EVERY)
+
+
+def final_params(workdir, step: int = STEPS):
+    """Params restored whole onto one device, whatever topology wrote them (no abstract
+    tree given: the checkpoint's own metadata, also for a 2-process checkpoint)."""
+    import jax
+
+    from clipjax import checkpoint
+
+    return jax.tree.map(np.asarray, checkpoint.restore_params(workdir, step))
+
+
 def env(devices: int = 8, extra: dict[str, str] | None = None) -> dict[str, str]:
     out = dict(os.environ)
     out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"

@@ -11,11 +11,10 @@ from clipjax.errors import ClipjaxError
 
 
 def add_model_arguments(p, *, required: bool = True) -> None:
-    p.add_argument("--model", required=required, metavar="DIR",
-                   help="a clipjax workdir (trained or `clipjax import`ed) or "
-                        "WORKDIR/checkpoints/STEP")
-    p.add_argument("--step", type=int, default=None,
-                   help="checkpoint step to load (default: the latest)")
+    from clipjax.commands import flags
+
+    flags.add_workdir(p, required=required, dest="model")
+    flags.add_step(p)
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="images or texts per encoder batch (default 64)")
 

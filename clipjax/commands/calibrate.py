@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipjax.commands import flags
+
 HELP = "choose the open-set threshold of clipjax classify for a target precision"
 
 
@@ -19,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", type=float, default=0.95,
                    help="target precision of the flags (default 0.95)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flags.add_progress(p)
 
 
 def run(args) -> int:
@@ -32,7 +34,7 @@ def run(args) -> int:
     model = console.load_model(args.model, args.step, args.batch_size)
     classifier = classify.build_classifier(model, labels, templates)
     ok, emb, bad = embed_files(model, paths, batch_size=args.batch_size,
-                               progress=not args.no_progress)
+                               progress=flags.progress(args))
     console.report_skipped(bad)
     truth_of = dict(zip(paths, truth))
     result = calibrate.calibrate(classifier, emb, [truth_of[p] for p in ok], args.precision)

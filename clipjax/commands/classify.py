@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipjax.commands import flags
+
 HELP = "zero-shot classify images into your own labels (open-set with --threshold)"
 
 
@@ -33,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--none-label", default=None, metavar="L",
                    help="the label for images below --threshold (default 'none')")
     p.add_argument("--json", action="store_true", help="print a JSON list, one per image")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flags.add_progress(p)
 
 
 def run(args) -> int:
@@ -56,7 +58,7 @@ def run(args) -> int:
     model = console.load_model(args.model, args.step, args.batch_size)
     classifier = classify.build_classifier(model, labels, templates)
     ok, emb, bad = embed_files(model, paths, batch_size=args.batch_size,
-                               progress=not args.no_progress)
+                               progress=flags.progress(args))
     console.report_skipped(bad)
     preds = classify.predict(classifier, emb, top_k=args.top_k, threshold=args.threshold,
                              none_label=none_label)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 HELP = "compile the real train step for a Cloud TPU topology on this machine; report memory"
+TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 HELP = "check webdataset shards or folders; convert folder/tfds/idx data to webdataset shards"
+TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipjax.commands import flags
+
 HELP = "embed images into an incremental embedding cache (for clipjax search)"
 
 
@@ -28,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=("ivf", "hnsw"),
                    help="also build the approximate index now (default kind: ivf)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.epilog = ("--model may be left out when INDEX_DIR exists: the model that made the "
+    flags.add_progress(p)
+    p.epilog = ("--workdir may be left out when INDEX_DIR exists: the model that made the "
                 "cache is used again.")
 
 
@@ -47,11 +49,11 @@ def run(args) -> int:
         model_path = cache.model.get("workdir")
         step = cache.model.get("step") if step is None else step
         if not model_path:
-            raise ClipjaxError(f"give --model: {args.out} holds no cache made from a workdir")
+            raise ClipjaxError(f"give --workdir: {args.out} holds no cache made from a workdir")
     model = console.load_model(model_path, step, args.batch_size)
     report = cache.update(model, args.images, batch_size=args.batch_size, dtype=args.dtype,
                           prune=args.prune, rebuild=args.rebuild,
-                          progress=not args.no_progress)
+                          progress=flags.progress(args))
     console.report_skipped(report.skipped)
     if args.approximate:
         from clipjax.apps.search import ImageIndex

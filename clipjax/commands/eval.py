@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 
+from clipjax.commands import flags
+
 HELP = "evaluate checkpoints zero-shot (classification, retrieval, linear probe)"
+TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True,
-                   help="a training or `clipjax import` workdir, relative, absolute or gs:// "
-                        "(reads config.json and checkpoints/, writes eval/ and tb/eval/)")
-    p.add_argument("--checkpoint", default=None, metavar="STEP|latest|all",
+    flags.add_workdir(p, help="a training or `clipjax import` workdir, relative, absolute or "
+                              "gs:// (reads config.json and checkpoints/, writes eval/ and "
+                              "tb/eval/)")
+    flags.add_step(p, dest="checkpoint", choices="latest|all",
                    help="which existing checkpoints to evaluate (default: latest)")
     p.add_argument("--watch", action="store_true", default=None,
                    help="keep polling and evaluate each new checkpoint as it is finalized")
@@ -43,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is any image/caption with an identical caption (default: index)")
     p.add_argument("--force", action="store_true",
                    help="recompute results that exist already")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    flags.add_progress(p)
     p.epilog = ("Also takes --config configs/eval/x.py [--config.eval.k=v ...]: the config's "
                 "eval section supplies any option not given on the command line.")
 
@@ -93,7 +96,7 @@ def run(args) -> int:
         batch_size=args.batch_size, max_examples=args.max_examples,
         confusion_matrix=args.confusion_matrix, force=args.force or None,
         positives=args.positives,
-        progress=False if args.no_progress else None)
+        progress=flags.progress(args))
     if opts.batch_size <= 0:
         raise ClipjaxError(f"--batch-size must be positive; got {opts.batch_size}")
     evaluator.Evaluator(args.workdir, opts).run()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipjax.commands import flags
+
 HELP = "export a model for open_clip (safetensors + model config)"
 
 FORMATS = ("open_clip",)
@@ -11,10 +13,8 @@ FORMATS = ("open_clip",)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=FORMATS, help="the target library")
-    p.add_argument("--workdir", required=True, metavar="DIR",
-                   help="a clipjax workdir (trained or imported) or WORKDIR/checkpoints/STEP "
-                        "(relative, absolute or gs://)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    flags.add_workdir(p)
+    flags.add_step(p)
     p.add_argument("--out", required=True, metavar="FILE.safetensors|DIR",
                    help="the weights file; a directory (no .safetensors suffix) gets open_clip's "
                         "local-dir layout (weights + open_clip_config.json with preprocessing); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "import OpenAI or open_clip weights (.safetensors / PyTorch) into a clipjax workdir"
+TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

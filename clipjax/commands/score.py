@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipjax.commands import flags
+
 HELP = "CLIPScore (2.5 * max(cos, 0)) of image/text pairs, per pair and mean"
 
 
@@ -24,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='text put before every text (the paper uses "A photo depicts ")')
     p.add_argument("--json", action="store_true",
                    help='print {"pairs": [{"image", "text", "score", "cosine"}], "mean"}')
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    flags.add_progress(p)
 
 
 def _pairs(args) -> list[tuple[str, str]]:
@@ -61,7 +63,7 @@ def run(args) -> int:
     paths = [os.path.abspath(p) for p, _ in pairs]
     unique = sorted(set(paths))
     ok, emb, bad = embed_files(model, unique, batch_size=args.batch_size,
-                               progress=not args.no_progress)
+                               progress=flags.progress(args))
     console.report_skipped(bad)
     row = {p: i for i, p in enumerate(ok)}
     kept = [(p, t) for p, (_, t) in zip(paths, pairs) if p in row]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipjax.commands import flags
+
 HELP = "search an embedding cache by text or by image"
 
 
@@ -29,10 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ivf: cells scanned per query (recall vs speed; default 32)")
     p.add_argument("--ef-search", type=int, default=64,
                    help="hnsw: search breadth (recall vs speed; default 64)")
-    p.add_argument("--model", metavar="DIR", default=None,
-                   help="the model to embed the query with (default: the one recorded in "
-                        "the cache; it must be the model that embedded the images)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of --model")
+    flags.add_workdir(p, required=False, dest="model",
+                      help="the model to embed the query with (default: the one recorded in "
+                           "the cache; it must be the model that embedded the images)")
+    flags.add_step(p, help="checkpoint step of --workdir")
 
 
 def run(args) -> int:
@@ -49,7 +51,7 @@ def run(args) -> int:
         model_path = index.cache.model.get("workdir")
         step = index.cache.model.get("step") if step is None else step
         if not model_path:
-            raise ClipjaxError(f"{args.index} records no model workdir; give --model")
+            raise ClipjaxError(f"{args.index} records no model workdir; give --workdir")
     if args.image is None and not args.query.strip():
         raise ClipjaxError("--query is empty")
     model = console.load_model(model_path, step)

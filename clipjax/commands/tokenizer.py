@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "train a SentencePiece tokenizer on captions, or print the token ids of texts"
+TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

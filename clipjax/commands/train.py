@@ -6,7 +6,10 @@ import argparse
 import logging
 import os
 
+from clipjax.commands import flags
+
 HELP = "pretrain (or resume) a CLIP model from a config on any mesh; writes WORKDIR"
+TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,13 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workdir", required=True,
         help="run directory: config.json, checkpoints/, metrics.jsonl, tb/; resumes from the "
              "latest checkpoint found there")
-    parser.add_argument(
-        "--progress", choices=("auto", "on", "off"), default="auto", nargs="?", const="on",
-        help="progress bar (auto: when stderr is a terminal; a bare --progress means on)")
+    flags.add_progress(parser)
 
 
 def run(args) -> int:
-    import clipjax.losses  # noqa: F401  (registers the loss options' config checks)
     from clipjax import config as config_lib
 
     # Validate before any device is touched or anything compiles (bad keys exit 2 here).
@@ -36,6 +36,6 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from clipjax.train import loop
 
-    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    progress = flags.progress(args)
     return loop.train(config, os.fspath(args.workdir), progress=progress)
 

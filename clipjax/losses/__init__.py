@@ -23,8 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from clipjax import config as config_lib
-from clipjax.errors import ClipjaxError, ConfigError
+from clipjax.errors import ClipjaxError
 from clipjax.losses.common import axes_of, caption_ids
 from clipjax.losses.dense import dense_loss
 from clipjax.losses.ring import ring_loss
@@ -112,18 +111,3 @@ def options(loss_config) -> dict:
     return {"kind": loss_config.kind, "impl": loss_config.impl,
             "positives": loss_config.positives, "chunk": int(loss_config.chunk),
             "logit_scale_max": float(loss_config.logit_scale_max)}
-
-
-@config_lib.register_check
-def _check_loss_config(config) -> None:
-    """`loss.chunk` only tiles the ring, and must divide every device's micro-batch."""
-    chunk = config.loss.chunk
-    if chunk and config.loss.impl != "ring":
-        raise ConfigError("loss.chunk", "tiles the ring loss only: set loss.impl='ring' or 0")
-    micro = config.data.batch_size // max(config.train.grad_accum, 1)
-    if chunk and micro % chunk:
-        raise ConfigError(
-            "loss.chunk", f"{chunk} does not divide the micro-batch {micro} "
-            "(data.batch_size / train.grad_accum)")
-    if not math.isfinite(config.loss.logit_scale_max):
-        raise ConfigError("loss.logit_scale_max", "must be finite")

@@ -230,6 +230,19 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
     status = 0
     step = start
     last_time, last_step, data_wait = time.perf_counter(), start, 0.0
+    watch = _NonfiniteWatch() if config.train.nonfinite == "stop" else None
+
+    def log(step: int, out: dict[str, Any]) -> None:
+        nonlocal last_time, last_step, data_wait
+        fetched = jax.device_get(out)
+        now = time.perf_counter()
+        fetched["param_norm"] = jax.device_get(program.param_norm(state.params))
+        row = _row(fetched, step, step - last_step, now - last_time, data_wait,
+                   batch_size, num_devices, flops_per_step, peak, pipeline.skipped)
+        writer.write(step, row)
+        # The next interval starts now: logging itself is not counted as step time.
+        last_time, last_step, data_wait = time.perf_counter(), step, 0.0
+
     try:
         with Preemption() as preemption, program.context():
             while step < total:
@@ -239,39 +252,41 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                 state, out = compiled(state, program.global_batch(local))
                 step += 1
                 writer.advance()
+                log_due = step % config.train.log_every == 0 or step == total
+                save_due = step % config.train.ckpt_every == 0 or step == total
+                preempted = preemption.agreed(step) and step < total
 
-                stop_nonfinite = False
-                if config.train.nonfinite == "stop":
-                    stop_nonfinite = bool(jax.device_get(out["skipped"]))
-                if step % config.train.log_every == 0 or step == total or stop_nonfinite:
-                    fetched = jax.device_get(out)
-                    now = time.perf_counter()
-                    fetched["param_norm"] = jax.device_get(program.param_norm(state.params))
-                    row = _row(fetched, step, step - last_step, now - last_time, data_wait,
-                               batch_size, num_devices, flops_per_step, peak, pipeline.skipped)
-                    writer.write(step, row)
-                    # The next interval starts now: logging itself is not counted as step time.
-                    last_time, last_step, data_wait = time.perf_counter(), step, 0.0
+                if watch is not None:
+                    watch.add(step, pipeline, out)
+                    # Looked at only where something would log or save the state.
+                    bad = watch.first_nonfinite() if log_due or save_due or preempted else None
+                    if bad is not None:
+                        bad_step, data_state, bad_out = bad
+                        log(bad_step, bad_out)
+                        pipeline.set_state(data_state)  # the input position after that step
+                        ckpt.save(state, pipeline, force=True, metadata={"reason": "nonfinite"})
+                        print(f"clipjax train: non-finite loss at step {bad_step}; saved the "
+                              "last finite state and stopped (train.nonfinite='stop')",
+                              flush=True)
+                        status = EXIT_NONFINITE
+                        break
 
-                if stop_nonfinite:
-                    ckpt.save(state, pipeline, force=True, metadata={"reason": "nonfinite"})
-                    print(f"clipjax train: non-finite loss at step {step}; saved the last "
-                          "finite state and stopped (train.nonfinite='stop')", flush=True)
-                    status = EXIT_NONFINITE
-                    break
-                if step % config.train.ckpt_every == 0 or step == total:
+                if log_due:
+                    log(step, out)
+                if save_due:
                     t_save = time.perf_counter()
                     ckpt.save(state, pipeline)
                     # Saving (the device→host copy; writing is async) is not step time.
                     last_time += time.perf_counter() - t_save
-                if preemption.agreed(step) and step < total:
+                if preempted:
                     ckpt.save(state, pipeline, force=True, metadata={"reason": "preempted"})
                     print(f"clipjax train: {preemption.reason}: saved step {step}, exiting",
                           flush=True)
                     status = preemption.exit_status
                     break
     except WorkerDied:  # the state and the data position agree: keep them (one process)
-        if jax.process_count() == 1:
+        # (unless the state froze at a non-finite step: then the last checkpoint is the one)
+        if jax.process_count() == 1 and (watch is None or watch.first_nonfinite() is None):
             print(f"clipjax train: a data worker died at step {step}: saving it, then "
                   "stopping", flush=True)
             if ckpt.save(state, pipeline, force=True, metadata={"reason": "data worker died"}):
@@ -281,6 +296,25 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
         ckpt.close()
         writer.close()
     return status
+
+
+class _NonfiniteWatch:
+    """`train.nonfinite='stop'` without a host sync per step: the step freezes the state
+    after the first non-finite step, so the loop keeps each step's outputs (device arrays,
+    not fetched) and input position, and looks at their `skipped` flags in one transfer
+    only where it would log or save."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+
+    def add(self, step: int, pipeline, out: dict[str, Any]) -> None:
+        self.pending.append((step, pipeline.get_state(), out))
+
+    def first_nonfinite(self) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+        """(step, input state after it, its outputs) of the first non-finite step, if any."""
+        pending, self.pending = self.pending, []
+        flags = jax.device_get([out["skipped"] for _, _, out in pending])
+        return next((p for p, bad in zip(pending, flags) if int(bad)), None)
 
 
 def _row(m: dict[str, Any], step: int, steps: int, seconds: float, data_wait: float,

@@ -125,7 +125,8 @@ def build(config: ConfigDict, mesh: Mesh | None = None) -> TrainProgram:
                              batch_axes=axes, trainable=trainable,
                              grad_accum=int(config.train.grad_accum),
                              image_mean=tuple(config.model.image.mean),
-                             image_std=tuple(config.model.image.std))
+                             image_std=tuple(config.model.image.std),
+                             freeze_after_nonfinite=config.train.nonfinite == "stop")
     program = TrainProgram(
         config=config, mesh=mesh, rules=rules, batch_axes=axes, model=model, tx=tx, lr=lr,
         abstract_state=abstract, state_shardings=shardings, batch_shardings=batch_shardings)

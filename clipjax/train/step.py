@@ -46,6 +46,9 @@ class StepSpec:
     grad_accum: int = 1
     image_mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # for uint8 batches, normalised here
     image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # train.nonfinite='stop': after the first non-finite step the state stays frozen, so the
+    # loop can look for it every few steps (no per-step device_get) and save that state.
+    freeze_after_nonfinite: bool = False
 
 
 def normalize_images(images: jax.Array, mean, std) -> jax.Array:
@@ -150,7 +153,9 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict[str, jax.Array]):
     """One optimizer step → (new state, metrics). Pure; jit it with the state donated.
 
     A non-finite loss or gradient leaves params and optimizer state as they
-    were, counts the step in `state.nonfinite` and reports `skipped = 1`.
+    were, counts the step in `state.nonfinite` and reports `skipped = 1`. With
+    `spec.freeze_after_nonfinite`, a state that already counts one is returned
+    unchanged (step included) and reports `frozen = 1`.
     """
     if spec.grad_accum > 1:
         (loss, metrics), grads = gradcache_grads(spec, state.params, batch)
@@ -161,21 +166,25 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict[str, jax.Array]):
     grad_norm = optax.tree.norm(trainable_grads)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    frozen = (state.nonfinite > 0) if spec.freeze_after_nonfinite else jnp.bool_(False)
+    ok = finite & ~frozen
     applied = state.step - state.nonfinite  # the optimizer's own step count
     new = TrainState(
-        step=state.step + 1,
+        step=state.step + jnp.where(frozen, 0, 1).astype(state.step.dtype),
         params=_where(ok, params, state.params),
         opt_state=_where(ok, opt_state, state.opt_state),
-        nonfinite=state.nonfinite + jnp.where(ok, 0, 1).astype(jnp.int32))
+        nonfinite=state.nonfinite + jnp.where(finite | frozen, 0, 1).astype(jnp.int32))
     out = {
         "loss": loss,
         "lr": spec.lr(applied),
         "grad_norm": grad_norm,
-        "skipped": jnp.where(ok, 0, 1).astype(jnp.int32),
+        "skipped": jnp.where(finite | frozen, 0, 1).astype(jnp.int32),
         "nonfinite_steps": new.nonfinite,
         **metrics,
     }
+    if spec.freeze_after_nonfinite:
+        out["frozen"] = frozen.astype(jnp.int32)
     return new, out
 
 
