@@ -6,6 +6,10 @@ search; `clipjax <command>` is the CLI. Heavy modules load on first use.
 
 __version__ = "0.1.0"
 
+from clipjax import runtime as _runtime  # noqa: E402  (light: os, sys, glob)
+
+_runtime.pin_cpu_when_no_accelerator()
+
 __all__ = ["ClipModel", "__version__", "load"]
 
 

@@ -135,7 +135,8 @@ def item_metadata(workdir: str, step: int, item: str) -> Any:
     for a checkpoint that another (multi-process) run wrote.
     """
     path = posixpath.join(step_dir(workdir, step), item)
-    return ocp.StandardCheckpointer().metadata(path).item_metadata
+    with _quiet_absl():  # orbax warns that an item directory has no step-level metadata
+        return ocp.StandardCheckpointer().metadata(path).item_metadata
 
 
 def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
@@ -159,7 +160,30 @@ def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
     except ClipjaxError:
         raise
     except Exception as e:
-        raise ClipjaxError(f"{checkpoint_dir(workdir)}/{step}: cannot restore params: {e}") from e
+        raise UnreadableCheckpoint(
+            f"{checkpoint_dir(workdir)}/{step}: cannot restore params: {short_error(e)}",
+            step) from e
     finally:
         mgr.close()
     return out["params"]
+
+
+class UnreadableCheckpoint(ClipjaxError):
+    """A checkpoint step whose params do not restore (`step` says which)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def short_error(exc: BaseException, limit: int = 400) -> str:
+    """The innermost cause of a restore error, in one line: tensorstore's own status text
+    names the file ("Error reading ... at local file ..."), where the outer orbax error
+    holds a TensorStore spec repr."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    text = str(chain[-1]).split(" See full TensorStore details")[0]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."

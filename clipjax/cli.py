@@ -148,11 +148,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clipjax {name}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug: one line here, the traceback in a file
-        path = _write_traceback(name)
-        print(f"clipjax {name}: unexpected error: {type(e).__name__}: {e} "
-              f"(full traceback in {path})", file=sys.stderr)
+    except OSError as e:  # a path the user gave that cannot be read or written: one line
+        if not e.filename or e.strerror is None:
+            return _unexpected(name, e)
+        target = f" -> {e.filename2}" if e.filename2 else ""
+        print(f"clipjax {name}: error: {e.filename}{target}: {e.strerror}", file=sys.stderr)
         return 1
+    except Exception as e:
+        return _unexpected(name, e)
+
+
+def _unexpected(name: str, e: BaseException) -> int:
+    """A bug: one line here, the traceback in a file."""
+    path = _write_traceback(name)
+    print(f"clipjax {name}: unexpected error: {type(e).__name__}: {e} "
+          f"(full traceback in {path})", file=sys.stderr)
+    return 1
 
 
 def _write_traceback(name: str) -> str:

@@ -131,6 +131,8 @@ def default_config() -> ConfigDict:
     c.optim.weight_decay = 0.2
     c.optim.schedule = "cosine"  # cosine | linear | constant
     c.optim.warmup_steps = 2000
+    # zero: the first update uses lr 0 (lr·s/W); one_step: lr·(s+1)/W, open_clip's trainer
+    c.optim.warmup_init = "zero"
     c.optim.end_lr = 0.0
     c.optim.clip_norm = 1.0  # 0 = off
     c.optim.frozen = ""  # regex over param paths, e.g. 'image/.*' (LiT)
@@ -187,6 +189,9 @@ def default_config() -> ConfigDict:
     c.eval.confusion_matrix = False
     c.eval.max_examples = 0  # per task and split; 0 = all
     c.eval.linear_probe_max_train = 10000
+    # retrieval hits: index (the pair's own caption/image) | caption (also any identical
+    # caption), reported as extra `_caption` metrics beside the standard ones
+    c.eval.positives = "index"
     return c
 
 
@@ -211,8 +216,10 @@ _CHOICES = {
     "loss.positives": ("index", "caption"),
     "optim.name": ("adamw", "adafactor", "lion", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.warmup_init": ("zero", "one_step"),
     "train.nonfinite": ("skip", "stop"),
     "runtime.distributed": ("auto", "on", "off"),
+    "eval.positives": ("index", "caption"),
 }
 
 _POSITIVE = (
@@ -264,13 +271,38 @@ def _get(config, dotted):
     return node
 
 
+def unknown_key(key: str) -> ConfigError:
+    """'unknown config key config.K (did you mean config.X?)', X the closest known key."""
+    import difflib
+
+    known = list(_flatten(default_config()))
+    sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
+    guesses = difflib.get_close_matches(key, known + sorted(sections), n=1, cutoff=0.6)
+    if not guesses:  # the right leaf in the wrong section: config.lr -> config.optim.lr
+        leaf = key.rsplit(".", 1)[-1]
+        guesses = [k for k in known if k.rsplit(".", 1)[-1] == leaf][:1] or [
+            k for k in known if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]],
+                                                          cutoff=0.8)][:1]
+    hint = f" (did you mean config.{guesses[0]}?)" if guesses else ""
+    err = ConfigError("", f"unknown config key config.{key}{hint}")
+    err.key = key
+    return err
+
+
+def _check_known(keys: Sequence[str]) -> None:
+    known = _flatten(default_config())
+    for key in keys:
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            raise unknown_key(key)
+
+
 def validate(config: ConfigDict) -> ConfigDict:
     """Checks keys, types and consistency; raises ConfigError naming the first bad key."""
     defaults = _flatten(default_config())
     values = _flatten(config)
     for key in values:
         if key not in defaults:
-            raise ConfigError(key, "unknown key")
+            raise unknown_key(key)
     for key, default in defaults.items():
         if key not in values:
             raise ConfigError(
@@ -397,6 +429,9 @@ def load(config_arg: str | None, overrides: Sequence[str] = ()) -> ConfigDict:
     path = config_arg.split(":", 1)[0]
     if not os.path.isfile(path):
         raise ConfigError("", f"config file {path!r} does not exist")
+    # Every key a config may hold is a default_config() key: an override of any other is a
+    # typo, named here (absl would print only the key's repr).
+    _check_known([o.lstrip("-").split("=", 1)[0].removeprefix("config.") for o in overrides])
     try:
         fv(argv, known_only=False)
         config = fv.config
@@ -406,7 +441,7 @@ def load(config_arg: str | None, overrides: Sequence[str] = ()) -> ConfigDict:
     except (KeyError, AttributeError, TypeError, ValueError, OSError, SyntaxError) as e:
         key = _key_from_flag_error(str(e), overrides)
         if key and repr(key.rsplit(".", 1)[-1]) in str(e):
-            raise ConfigError(key, "unknown key") from None
+            raise unknown_key(key) from None
         raise ConfigError(key, f"{config_arg}: {str(e).strip()}") from None
     if config is None:
         raise ConfigError("", f"config file {config_arg!r} returned nothing")
@@ -442,7 +477,7 @@ def _merge(config: ConfigDict, data: dict, prefix: str) -> None:
     for k, v in data.items():
         key = prefix + k
         if k not in config:
-            raise ConfigError(key, "unknown key")
+            raise unknown_key(key)
         if isinstance(config[k], ConfigDict):
             _merge(config[k], v, key + ".")
         else:

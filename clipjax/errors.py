@@ -20,3 +20,8 @@ class ConfigError(ClipjaxError, ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"config.{key}: {message}" if key else message)
+
+
+class WorkerDied(ClipjaxError):
+    """A data worker process died: the input pipeline cannot go on (the trainer saves
+    its last state first)."""

@@ -11,19 +11,22 @@ MFU = model FLOPs per second over the devices' peak.
 Model FLOPs are counted analytically from the architecture
 (`clipjax.models.flops`: 3 × forward for a trained tower, recomputation such
 as GradCache's extra forward or remat not counted); the peak is
-`train.peak_flops` per device or a matmul measured at start-up. CPU devices
+`train.peak_flops` per device, else the chip's entry in KNOWN_PEAKS (TPU v4/v5e/v5p/v6e,
+A100/H100/H200), else a matmul measured at start-up (best of several). CPU devices
 emulated in one process share its cores, so on CPU the peak is per process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import posixpath
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,12 +39,44 @@ METRICS_FILE = "metrics.jsonl"
 PART_ROWS = 500
 _PART = re.compile(r"^metrics-(\d{5})\.jsonl$")
 TB_DIR = "tb"
+log = logging.getLogger("clipjax.train")
 
 
-def measure_peak_flops(device: jax.Device | None = None, *, seconds: float = 0.5) -> float:
+# Dense matmul peak FLOP/s per chip: (device_kind substring, bf16/f16, f32). The first match
+# wins, so specific names come first. f32 on TPU runs one bf16 MXU pass at JAX's default
+# precision; on NVIDIA GPUs f32 matmuls use TF32 tensor cores by default: both are the
+# rates a default-precision f32 step can reach. H100/H200 are the SXM parts.
+KNOWN_PEAKS: tuple[tuple[str, float, float], ...] = (
+    ("TPU v6 lite", 918e12, 918e12),  # v6e (Trillium)
+    ("TPU v6e", 918e12, 918e12),
+    ("TPU v5 lite", 197e12, 197e12),  # v5e
+    ("TPU v5e", 197e12, 197e12),
+    ("TPU v5p", 459e12, 459e12),
+    ("TPU v5", 459e12, 459e12),  # v5p reports itself as "TPU v5"
+    ("TPU v4", 275e12, 275e12),
+    ("H200", 989e12, 494.7e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494.7e12),
+    ("A100", 312e12, 156e12),
+)
+
+
+def known_peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
+    """The table's per-chip peak for `device_kind` (e.g. 'TPU v5 lite') at compute
+    `dtype`, or None for a chip it does not list (CPUs, among others)."""
+    kind = device_kind.lower()
+    for name, half, single in KNOWN_PEAKS:
+        if name.lower() in kind:
+            return single if dtype == "float32" else half
+    return None
+
+
+def measure_peak_flops(device: jax.Device | None = None, *, seconds: float = 0.5,
+                       warmup: int = 3, min_runs: int = 5) -> float:
     """FLOP/s of a large square matmul on one device (float32 on CPU, bfloat16 elsewhere).
 
-    The best of a few timed runs: an upper bound a real step can approach.
+    After `warmup` untimed runs, the best of at least `min_runs` timed ones: a busy
+    moment only slows some runs, so the best is an upper bound a real step can approach.
     """
     device = device or jax.local_devices()[0]
     cpu = device.platform == "cpu"
@@ -49,9 +84,10 @@ def measure_peak_flops(device: jax.Device | None = None, *, seconds: float = 0.5
     a = jax.device_put(jnp.ones((n, n), dtype), device)
     b = jax.device_put(jnp.ones((n, n), dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, b).block_until_ready()
+    for _ in range(max(1, warmup)):
+        matmul(a, b).block_until_ready()
     best, spent, runs = math.inf, 0.0, 0
-    while (spent < seconds and runs < 20) or runs < 3:
+    while (spent < seconds and runs < 50) or runs < min_runs:
         t0 = time.perf_counter()
         matmul(a, b).block_until_ready()
         dt = time.perf_counter() - t0
@@ -59,13 +95,65 @@ def measure_peak_flops(device: jax.Device | None = None, *, seconds: float = 0.5
     return 2.0 * n**3 / best
 
 
-def peak_flops_total(config_peak: float, devices: list[jax.Device] | None = None) -> float:
-    """The job's peak FLOP/s: per-device peak (config or measured) × independent devices."""
+class Peak:
+    """The job's peak FLOP/s (`total`), where it came from (`source`), and the MFU
+    sanity check: an MFU above 1 means the peak is wrong, so it warns once naming the
+    peak; a measured peak is then measured again (best of both) for later rows."""
+
+    def __init__(self, per_device: float, source: str, scale: int, *, measured: bool = False,
+                 remeasure: Callable[[], float] | None = None):
+        self.per_device, self.source, self.scale = float(per_device), source, int(scale)
+        self.measured = measured
+        self._remeasure = remeasure
+        self.warned = False
+
+    @property
+    def total(self) -> float:
+        return self.per_device * self.scale
+
+    def describe(self) -> str:
+        return f"{self.per_device / 1e12:.4g} TFLOP/s per device ({self.source})"
+
+    def mfu(self, flops_per_step: float, step_time: float) -> float:
+        if not step_time > 0 or not self.total > 0:
+            return math.nan
+        value = flops_per_step / step_time / self.total
+        if value > 1 and not self.warned:
+            self.warned = True
+            hint = ("measured again for the next rows; " if self.measured else "") + \
+                "set train.peak_flops to the chip's peak"
+            log.warning("MFU %.3f > 1: the peak used, %s, is too low (%s)", value,
+                        self.describe(), hint)
+            if self.measured and self._remeasure is not None:
+                with contextlib.suppress(Exception):
+                    self.per_device = max(self.per_device, float(self._remeasure()))
+        return value
+
+    def __float__(self) -> float:
+        return self.total
+
+
+def peak(config_peak: float = 0.0, dtype: str = "bfloat16",
+         devices: list[jax.Device] | None = None) -> Peak:
+    """The job's peak: `train.peak_flops` per device when set, else the chip's entry in
+    KNOWN_PEAKS at compute `dtype`, else a measured matmul (CPUs, unlisted chips)."""
     devices = list(jax.devices() if devices is None else devices)
-    per_device = float(config_peak) or measure_peak_flops()
-    if devices[0].platform == "cpu":  # emulated CPU devices of a process share its cores
-        return per_device * jax.process_count()
-    return per_device * len(devices)
+    # Emulated CPU devices of a process share its cores: on CPU the peak is per process.
+    scale = jax.process_count() if devices[0].platform == "cpu" else len(devices)
+    if float(config_peak):
+        return Peak(float(config_peak), "train.peak_flops", scale)
+    kind = getattr(devices[0], "device_kind", "")
+    known = known_peak_flops(kind, dtype) if devices[0].platform != "cpu" else None
+    if known:
+        return Peak(known, f"{kind} {dtype} table", scale)
+    return Peak(measure_peak_flops(), f"matmul measured on {kind or devices[0].platform}",
+                scale, measured=True, remeasure=lambda: measure_peak_flops(seconds=1.0))
+
+
+def peak_flops_total(config_peak: float, devices: list[jax.Device] | None = None) -> float:
+    """The job's peak FLOP/s: per-device peak (config, table or measured) × independent
+    devices."""
+    return peak(config_peak, devices=devices).total
 
 
 def model_flops_per_step(config, frozen_towers: tuple[str, ...] = (),

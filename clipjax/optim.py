@@ -34,7 +34,11 @@ def paths(tree: Any) -> Any:
 
 
 def schedule(optim: ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `optim.lr`, then cosine / linear decay to `optim.end_lr`, or flat."""
+    """Linear warmup to `optim.lr`, then cosine / linear decay to `optim.end_lr`, or flat.
+
+    The warmup starts at 0 (`optim.warmup_init='zero'`: step s gets lr·s/W) or one step
+    in (`'one_step'`: lr·(s+1)/W, as open_clip's trainer, whose first update is not a no-op).
+    """
     warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
     lr, end = float(optim.lr), float(optim.end_lr)
     decay_steps = max(total_steps - warmup, 1)
@@ -46,7 +50,12 @@ def schedule(optim: ConfigDict, total_steps: int) -> optax.Schedule:
         after = optax.constant_schedule(lr)
     if warmup == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+    if optim.get("warmup_init", "zero") == "one_step":
+        def warm(count):
+            return lr * (count + 1) / warmup
+    else:
+        warm = optax.linear_schedule(0.0, lr, warmup)
+    return optax.join_schedules([warm, after], [warmup])
 
 
 def decay_mask(params: Any, no_decay: str) -> Any:

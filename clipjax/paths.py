@@ -159,6 +159,31 @@ def makedirs(path: PathLike) -> None:
         os.makedirs(s, exist_ok=True)
 
 
+def writable_dir(path: PathLike, what: str = "--workdir") -> None:
+    """Creates a local directory to write in, or says in one line why it cannot be one
+    (a file is in the way, no permission, a read-only disk). Remote paths pass: a bucket
+    answers only when written to."""
+    from clipjax.errors import ClipjaxError
+
+    s = canonical(path)
+    if is_remote(s):
+        return
+    if os.path.exists(s) and not os.path.isdir(s):
+        raise ClipjaxError(f"{what} {s}: is a file, not a directory")
+    try:
+        os.makedirs(s, exist_ok=True)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and e.filename != s else ""
+        raise ClipjaxError(f"{what} {s}: cannot create it: {e.strerror}{where}") from None
+    probe = os.path.join(s, f".clipjax-write-test.{os.getpid()}")
+    try:  # a real write: permission bits, ACLs, read-only mounts, and root all answer alike
+        with _builtin_open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ClipjaxError(f"{what} {s}: cannot write in it: {e.strerror}") from None
+
+
 def read_bytes(path: PathLike) -> bytes:
     return resolve(path).read_bytes()
 

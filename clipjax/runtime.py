@@ -49,6 +49,26 @@ def allocator_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", _MARK: "hugetlb"}
 
 
+def pin_cpu_when_no_accelerator() -> None:
+    """On a machine with no accelerator device: JAX_PLATFORMS=cpu, so an installed libtpu
+    (the `tpu` extra, used by `clipjax compile`) does not probe for TPU hardware and print
+    its warnings. A TPU or GPU host (its /dev nodes exist) and a user's own JAX_PLATFORMS
+    are left alone. Runs at `import clipjax`; effective while JAX has no backend yet."""
+    if _accelerator_present():
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return
+    try:  # jax was imported first: its config read the environment already
+        from jax._src import xla_bridge
+
+        if not xla_bridge._backends and not jax.config.jax_platforms:
+            jax.config.update("jax_platforms", "cpu")
+    except (ImportError, AttributeError):
+        pass
+
+
 def configure_process() -> None:
     """On CPU-only machines: pin JAX to the CPU and re-execute once under the fast allocator.
 
@@ -57,7 +77,7 @@ def configure_process() -> None:
     """
     if _accelerator_present():
         return
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    pin_cpu_when_no_accelerator()
     extra = allocator_env()
     if not extra:
         return

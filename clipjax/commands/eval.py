@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate only the first N examples of each split (0 = all)")
     p.add_argument("--confusion-matrix", action="store_true", default=None,
                    help="also write eval/<task>/confusion_<step>.png")
+    p.add_argument("--positives", choices=("index", "caption"), default=None,
+                   help="retrieval: 'caption' also reports R@K (suffix _caption) where a hit "
+                        "is any image/caption with an identical caption (default: index)")
     p.add_argument("--force", action="store_true",
                    help="recompute results that exist already")
     flags.add_progress(p)
@@ -100,6 +103,7 @@ def run(args) -> int:
         data_dir=args.data_dir, classnames=args.classnames, templates=args.templates,
         batch_size=args.batch_size, max_examples=args.max_examples,
         confusion_matrix=args.confusion_matrix, force=args.force or None,
+        positives=args.positives,
         progress=flags.progress(args))
     if opts.batch_size <= 0:
         raise ClipjaxError(f"--batch-size must be positive; got {opts.batch_size}")

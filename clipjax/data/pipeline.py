@@ -26,7 +26,10 @@ would have.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
+import re
+import signal
 import sys
 import weakref
 from collections.abc import Callable
@@ -38,7 +41,7 @@ from ml_collections import ConfigDict
 
 from clipjax.data import sources as sources_lib
 from clipjax.data.transform import PositionSeeded, SkipCountingBatch, TrainTransform
-from clipjax.errors import ClipjaxError, ConfigError
+from clipjax.errors import ClipjaxError, ConfigError, WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +79,34 @@ class TrainPipeline(grain.DatasetIterator):
         self.skipped: dict[str, int] = dict(startup_skipped or {})
         self.first_bad: list[str] = []
         self.keep_bad = LOG_FIRST_BAD  # how many bad keys to keep (and log)
+        self._workers: list | None = None  # the worker processes (multiprocessing.Process)
+        self._others: set[int] = set()
         _LIVE.add(self)
 
     def _inner(self) -> grain.DatasetIterator:
         if self._it is None:
             self._assert_not_closed()
+            # Workers start on the first `next`: those alive now belong to other pipelines.
+            self._others = {c.pid for c in _grain_workers()}
+            self._workers = None
             self._it = self._make(self.next_record)
         return self._it
 
     def __next__(self) -> dict[str, np.ndarray]:
         while True:
-            batch = next(self._inner())
+            # A dead worker is noticed here, at the next batch: grain itself would notice
+            # only once the batches already buffered from it are used up.
+            _check_workers(self._workers)  # (and stops the others of this pipeline)
+            try:
+                batch = next(self._inner())
+            except RuntimeError as e:
+                if WORKER_DIED not in str(e):
+                    raise
+                match = re.search(r"exit code (-?\d+)", str(e))
+                raise _worker_death(int(match.group(1)) if match else None, None,
+                                    self._workers) from None
+            if self._workers is None:  # this iterator's worker processes, now started
+                self._workers = [c for c in _grain_workers() if c.pid not in self._others]
             nxt = batch.pop("_next")
             if nxt is not None:
                 self.next_record = int(nxt)
@@ -125,6 +145,7 @@ class TrainPipeline(grain.DatasetIterator):
         if self._it is not None:
             self._it.close()
             self._it = None
+        self._workers = None
         self.next_record = int(state["next_record"])
         self.skipped = {str(k): int(v) for k, v in state["skipped"].items()}
         self.first_bad = list(state["first_bad"])
@@ -270,7 +291,8 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
             if workers > 0:
                 _absl_flags_ready()
                 it = it.mp_prefetch(grain.MultiprocessingOptions(
-                    num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+                    num_workers=workers, per_worker_buffer_size=max(1, prefetch)),
+                    worker_init_fn=_worker_init)
             elif prefetch > 0:
                 it = grain.experimental.ThreadPrefetchIterDataset(
                     it, prefetch_buffer_size=prefetch)
@@ -303,7 +325,8 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
             _absl_flags_ready()
             it = it.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=workers,
-                per_worker_buffer_size=min(1024, max(1, prefetch) * max(1, -(-b // workers)))))
+                per_worker_buffer_size=min(1024, max(1, prefetch) * max(1, -(-b // workers)))),
+                worker_init_fn=_worker_init)
         it = SkipCountingBatch(it, b, mean, std, drop_remainder=False, give_up_after=give_up)
         if prefetch > 0:
             it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
@@ -311,6 +334,45 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
 
     return TrainPipeline(build, batch_size=b, num_samples=num_samples, startup_skipped=skipped,
                          process_index=process_index, process_count=process_count)
+
+
+WORKER_DIED = "Worker process was terminated unexpectedly"
+
+
+def _worker_init(index: int, count: int) -> None:
+    """In each data worker: a Ctrl-C at the terminal reaches the whole process group, and
+    the trainer (not its workers) decides what it means, so workers ignore SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _grain_workers() -> list:
+    import multiprocessing
+
+    return [c for c in multiprocessing.active_children() if c.name.startswith("grain-")]
+
+
+def _check_workers(workers: list | None) -> None:
+    for proc in workers or ():
+        code = proc.exitcode  # a non-blocking waitpid
+        if code is not None and code != 0:
+            raise _worker_death(code, proc.pid, workers)
+
+
+def _worker_death(code: int | None, pid: int | None, workers: list | None) -> WorkerDied:
+    """A dead worker as one line naming it and its signal; the pipeline's surviving
+    workers are stopped now (grain would wait 25 s for each)."""
+    how = f"exit code {code}" if code is not None else "an unknown exit status"
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            how = f"signal {signal.Signals(-code).name} (exit code {code})"
+    for child in workers or ():
+        if child.exitcode is None:
+            child.kill()
+    which = f" (pid {pid})" if pid else ""
+    return WorkerDied(
+        f"a data worker process{which} died of {how}; the input pipeline cannot continue. "
+        "Run the same command to resume from the last checkpoint (if the system killed it "
+        "for memory, lower data.workers or data.threads)")
 
 
 def _absl_flags_ready() -> None:

@@ -52,6 +52,7 @@ class Options:
     confusion_matrix: bool = False
     max_examples: int = 0  # 0 = the whole split
     linear_probe_max_train: int = 10000
+    positives: str = "index"  # retrieval: index | caption (also identical captions, `_caption`)
     force: bool = False  # recompute results that exist already
     progress: bool | None = None  # None = a bar when stderr is a terminal
 
@@ -65,7 +66,7 @@ def options_from_config(config, task_list: list[tasks.Task] | None = None, **ove
         poll_interval=float(e.poll_interval), data_dir=e.data_dir, classnames=e.classnames,
         templates=e.templates, batch_size=int(e.batch_size),
         confusion_matrix=bool(e.confusion_matrix), max_examples=int(e.max_examples),
-        linear_probe_max_train=int(e.linear_probe_max_train))
+        linear_probe_max_train=int(e.linear_probe_max_train), positives=str(e.positives))
     for k, v in overrides.items():
         if v is not None:
             setattr(opts, k, v)
@@ -186,7 +187,10 @@ class Evaluator:
 
     def evaluate_step(self, step: int) -> dict[str, dict]:
         t0 = time.perf_counter()
-        params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh)
+        try:
+            params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh)
+        except checkpoint_lib.UnreadableCheckpoint as e:
+            raise ClipjaxError(f"{e}; {self._earlier_good(step)}") from None
         self.log(f"step {step}: restored params in {time.perf_counter() - t0:.1f} s on "
                  f"{encoder_lib.device_summary(self.mesh)}")
         return self.evaluate_params(step, params)
@@ -195,6 +199,7 @@ class Evaluator:
         """Scores `params` (a checkpoint's, or the training loop's live ones) as step `step`."""
         enc = self.encoder(params)
         out = {}
+        self.opts.tasks = [self._resolve_mode(t) for t in self.opts.tasks]
         for task in self.opts.tasks:
             t1 = time.perf_counter()
             record = {"step": step, "task": task.label, "mode": task.mode}
@@ -222,6 +227,33 @@ class Evaluator:
             self.log(_summary(record))
             out[task.label] = record
         return out
+
+    def _resolve_mode(self, task: tasks.Task) -> tasks.Task:
+        """A task without @MODE on data that decides (wds:, tfds:): labels make it zero-shot,
+        captions alone retrieval; said once, when it is decided."""
+        if task.mode != tasks.AUTO:
+            return task
+        source = self._source(task, tasks.test_split(task))
+        if source.kind == "classification":
+            mode, why = "zeroshot", "the samples carry class labels"
+        else:
+            mode, why = "retrieval", "the samples carry captions and no class labels"
+        self.log(f"task {task.label}: {why}: {mode} (add @MODE to choose)")
+        return dataclasses.replace(task, mode=mode)
+
+    def _earlier_good(self, step: int, tries: int = 3) -> str:
+        """The advice after an unreadable checkpoint: the newest earlier step that restores."""
+        earlier = [s for s in checkpoint_lib.finalized_steps(self.workdir) if s < step]
+        for s in list(reversed(earlier))[:tries]:
+            try:
+                encoder_lib.restore(self.workdir, s, self.model_cfg, self.mesh)
+            except ClipjaxError:
+                continue
+            return f"evaluate the newest good one with --step {s}"
+        if not earlier:
+            return "no earlier checkpoint exists"
+        return (f"the {min(tries, len(earlier))} before it fail too; pick one of "
+                f"{earlier} with --step STEP")
 
     def _tensorboard(self) -> results.TensorBoard:
         if self._tb is None:
@@ -318,8 +350,9 @@ class Evaluator:
         texts = [c for caps in captions for c in caps]
         text_image = [i for i, caps in enumerate(captions) for _ in caps]
         text_emb = enc.encode_texts(texts)
+        groups = retrieval.caption_groups(texts) if self.opts.positives == "caption" else None
         return {"num_examples": len(image_emb), "num_texts": len(texts),
-                **retrieval.recall_at_k(image_emb, text_emb, text_image)}
+                **retrieval.recall_at_k(image_emb, text_emb, text_image, groups=groups)}
 
 
 def _exists_fresh(path) -> bool:
@@ -334,10 +367,10 @@ def _check_checkpoint_arg(c: str) -> None:
 
 
 def _summary(record: dict) -> str:
-    names = [m for m in ("top1", "top5", "mean_per_class_recall", "image_to_text_R@1",
-                         "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")
-             if m in record]
-    metrics = "  ".join(f"{m} {100 * record[m]:.2f}%" for m in names)
+    """Every metric the JSON holds (fractions as %), then the linear probe's chosen L2."""
+    metrics = "  ".join(f"{m} {100 * record[m]:.2f}%" for m in results.metric_names(record))
+    if "l2" in record:
+        metrics += f"  l2 {record['l2']:g}"
     skipped = f", {record['skipped']} skipped" if record.get("skipped") else ""
     return (f"step {record['step']} {record['task']}: {metrics}  "
             f"({record['num_examples']} images{skipped}, {record['seconds']:.1f} s)")

@@ -6,7 +6,8 @@ A task string is `[LABEL=]DATASET[@MODE][?split=SPLIT]`:
   source with a path: `idx:DIR`, `folder:DIR`, `wds:DIR` (CLIP_benchmark's
   wds layout), `tfds:NAME`, `captions:DIR` (images with .txt captions);
 - MODE is `zeroshot` (default for labelled data), `linear_probe`, or
-  `retrieval` (default for captioned data);
+  `retrieval` (default for captioned data); without it, `wds:` and `tfds:` tasks
+  take the mode from the data (class labels: zeroshot; captions only: retrieval);
 - LABEL names the results folder (DIR/eval/LABEL/); by default the task string.
 
 Built-in tasks read `--data-dir` when given: IDX files, a CLIP_benchmark wds
@@ -27,6 +28,8 @@ from clipjax.evaluate import datasets
 from clipjax.evaluate import prompts as prompts_lib
 
 MODES = ("zeroshot", "linear_probe", "retrieval")
+AUTO = "auto"  # no @MODE on a source whose data decides: resolved when the data is read
+DATA_DECIDES = ("wds", "tfds")
 SOURCES = ("idx", "folder", "wds", "tfds", "captions")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_TEMPLATES = "simple"
@@ -108,9 +111,12 @@ def parse(spec: str) -> Task:
                 f"(or {', '.join(s + (':NAME' if s == 'tfds' else ':PATH') for s in SOURCES)})")
         default_label = spec
     if not mode:
-        mode = "retrieval" if source == "captions" and sep else "zeroshot"
+        if sep and source == "captions":
+            mode = "retrieval"
+        else:
+            mode = AUTO if sep and source in DATA_DECIDES else "zeroshot"
     if not label:
-        label = default_label + ("" if mode in ("zeroshot", "retrieval") else f"@{mode}")
+        label = default_label + ("" if mode in ("zeroshot", "retrieval", AUTO) else f"@{mode}")
     return Task(_sanitize(label), spec, mode, split)
 
 

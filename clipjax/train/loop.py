@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from clipjax import checkpoint, metrics, paths, sharding
-from clipjax.errors import ClipjaxError
+from clipjax.errors import ClipjaxError, WorkerDied
 from clipjax.train import program as program_lib
 from clipjax.train import run_config, warmstart
 from clipjax.train.checkpointing import Checkpointer
@@ -31,34 +32,55 @@ EXIT_NONFINITE = 3  # `train.nonfinite='stop'` ended the run (after checkpointin
 
 
 class Preemption:
-    """A preemption notice → the loop checkpoints at an agreed step and exits 0.
+    """A preemption notice or a Ctrl-C → the loop checkpoints at an agreed step and exits.
 
-    One process: SIGTERM sets a flag. Several: JAX's distributed runtime has its own
-    preemption service (it catches SIGTERM on any host and agrees on a step to save
-    at, in the background): `reached_preemption_sync_point` is a local check, so no
-    step pays for a collective.
+    One process: SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves after the step in
+    flight and exits (0 after SIGTERM, as a preempted job that may restart; 130 after
+    Ctrl-C, as an interrupted command). A second Ctrl-C raises KeyboardInterrupt at once,
+    without saving. Several processes: JAX's distributed runtime has its own preemption
+    service (it catches SIGTERM on any host and agrees on a step to save at, in the
+    background): `reached_preemption_sync_point` is a local check, so no step pays for a
+    collective; there a Ctrl-C interrupts as usual (no save).
     """
+
+    EXIT_STATUS = {"SIGTERM": 0, "SIGINT": 130}
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.reason = "SIGTERM"  # the first signal received: what the exit message names
+        self._previous: dict[int, Any] = {}
         self._service = jax.process_count() > 1 and _preemption_service()
 
+    @property
+    def exit_status(self) -> int:
+        return self.EXIT_STATUS[self.reason]
+
     def __enter__(self):
-        if self._service:  # its SIGTERM handler is the runtime's; do not replace it
-            return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a test thread): no handler
-            self._previous = None
+        # With the runtime's service its SIGTERM handler is the runtime's, and a Ctrl-C on
+        # one host could not be agreed on without a collective: it stays KeyboardInterrupt.
+        signals = () if self._service else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested and self.reason == "SIGINT":
+                raise KeyboardInterrupt  # the second Ctrl-C: abort now, no checkpoint
+            sys.stderr.write("\nclipjax train: Ctrl-C: saving a checkpoint after this step, "
+                             "then exiting (Ctrl-C again aborts without saving)\n")
+            sys.stderr.flush()
+        if not self.requested:
+            self.reason = signal.Signals(signum).name
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
 
     def agreed(self, step: int) -> bool:
         """True at the step every process saves at after any was asked to stop. Called
@@ -97,12 +119,12 @@ def _initial_state(program, config: ConfigDict):
     return state
 
 
-def _peak(config: ConfigDict) -> float:
+def _peak(config: ConfigDict) -> metrics.Peak:
     try:
-        return metrics.peak_flops_total(config.train.peak_flops)
+        return metrics.peak(config.train.peak_flops, config.model.dtype)
     except Exception as e:  # MFU is a report, never a reason to fail a run
         log.warning("cannot measure peak FLOP/s: %s", e)
-        return math.nan
+        return metrics.Peak(math.nan, f"unknown: {e}", 1)
 
 
 def _flops(config: ConfigDict, program) -> float:
@@ -149,6 +171,7 @@ def _pipeline_config(config: ConfigDict, workdir: str) -> ConfigDict:
 def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> int:
     """Runs (or resumes) training in `workdir`; returns the process exit status."""
     workdir = paths.to_str(workdir)  # a relative workdir means where the process started
+    paths.writable_dir(workdir)
     changed = _resume_changes(config, workdir)  # before anything compiles or is read
 
     # ---- mesh and program
@@ -201,7 +224,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
     num_devices = jax.device_count()
     print(f"clipjax train: mesh {dict(mesh.shape)}, {num_devices} devices, "
           f"{jax.process_count()} processes, compiled in {compile_s:.1f}s, "
-          f"steps {start}..{total}", flush=True)
+          f"steps {start}..{total}; MFU peak {peak.describe()}", flush=True)
 
     writer = metrics.MetricsWriter(workdir, total_steps=total, start_step=start,
                                    progress=progress)
@@ -261,8 +284,18 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                     last_time += in_loop_eval.run(step, state.params)
                 if preempted:
                     ckpt.save(state, pipeline, force=True, metadata={"reason": "preempted"})
-                    print(f"clipjax train: SIGTERM: saved step {step}, exiting", flush=True)
+                    print(f"clipjax train: {preemption.reason}: saved step {step}, exiting",
+                          flush=True)
+                    status = preemption.exit_status
                     break
+    except WorkerDied:  # the state and the data position agree: keep them (one process)
+        # (unless the state froze at a non-finite step: then the last checkpoint is the one)
+        if jax.process_count() == 1 and (watch is None or watch.first_nonfinite() is None):
+            print(f"clipjax train: a data worker died at step {step}: saving it, then "
+                  "stopping", flush=True)
+            if ckpt.save(state, pipeline, force=True, metadata={"reason": "data worker died"}):
+                print(f"clipjax train: saved step {step} before stopping", flush=True)
+        raise
     finally:
         ckpt.close()
         writer.close()
@@ -290,7 +323,7 @@ class _NonfiniteWatch:
 
 
 def _row(m: dict[str, Any], step: int, steps: int, seconds: float, data_wait: float,
-         batch_size: int, num_devices: int, flops_per_step: float, peak: float,
+         batch_size: int, num_devices: int, flops_per_step: float, peak: metrics.Peak,
          skipped: dict[str, int]) -> dict[str, Any]:
     step_time = seconds / max(steps, 1)
     ips = batch_size / step_time if step_time > 0 else math.nan
@@ -307,7 +340,7 @@ def _row(m: dict[str, Any], step: int, steps: int, seconds: float, data_wait: fl
         "data_wait": data_wait / max(steps, 1),
         "images_per_sec": ips,
         "images_per_sec_per_device": ips / num_devices,
-        "mfu": flops_per_step / step_time / peak if step_time > 0 else math.nan,
+        "mfu": peak.mfu(flops_per_step, step_time),
         "nonfinite_steps": m["nonfinite_steps"],
         "skipped_samples": int(sum(skipped.values())),
     }
