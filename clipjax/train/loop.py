@@ -257,11 +257,13 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                 log_due = step % config.train.log_every == 0 or step == total
                 save_due = step % config.train.ckpt_every == 0 or step == total
                 preempted = preemption.agreed(step) and step < total
+                eval_due = in_loop_eval.due(step, total)
 
                 if watch is not None:
                     watch.add(step, pipeline, out)
-                    # Looked at only where something would log or save the state.
-                    bad = watch.first_nonfinite() if log_due or save_due or preempted else None
+                    # Looked at only where something would log, save or evaluate the state.
+                    looks = log_due or save_due or preempted or eval_due
+                    bad = watch.first_nonfinite() if looks else None
                     if bad is not None:
                         bad_step, data_state, bad_out = bad
                         log(bad_step, bad_out)
@@ -280,7 +282,7 @@ def train(config: ConfigDict, workdir: str, *, progress: bool | None = None) -> 
                     ckpt.save(state, pipeline)
                     # Saving (the device→host copy; writing is async) is not step time.
                     last_time += time.perf_counter() - t_save
-                if in_loop_eval.due(step, total):  # not step time either
+                if eval_due:  # not step time either
                     last_time += in_loop_eval.run(step, state.params)
                 if preempted:
                     ckpt.save(state, pipeline, force=True, metadata={"reason": "preempted"})
