@@ -46,6 +46,9 @@ def _urls(pattern: str) -> list[str]:
 
 
 def _score(args) -> int:
+    from clipjax.evaluate.xla_flags import tune_cpu_flags
+
+    tune_cpu_flags()  # inference on CPU: as `clipjax eval` (before JAX starts its backend)
     import jax
 
     from clipjax import runtime
@@ -97,6 +100,9 @@ def _filter(args) -> int:
 
 def _dedup(args) -> int:
     from clipjax.curation import dedup
+    from clipjax.evaluate.xla_flags import tune_cpu_flags
+
+    tune_cpu_flags()
 
     try:
         crops = tuple(float(c) for c in args.crops.split(",") if c.strip())
