@@ -95,7 +95,9 @@ def _filter(args) -> int:
     report = filter_lib.filter_shards(args.scores, _urls(args.shards), args.out, r,
                                       shard_size=args.shard_size)
     print(json.dumps(report))
-    return 0 if report["kept"] else 1
+    if not report["kept"]:
+        print("clipjax data filter: warning: no sample was kept", file=sys.stderr)
+    return 0
 
 
 def _dedup(args) -> int:
