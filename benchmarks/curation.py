@@ -171,6 +171,7 @@ def main() -> int:
         secs, cpu, n = timed(run_clipjax(jmodel, urls, args.batch_size, root), args.repeats)
         rows.append((f"clipjax data score ({len(jax.devices())}x "
                      f"{jax.devices()[0].platform})", secs, cpu, n))
+        print(f"measured: {rows[-1]}", flush=True)
         threads = ([1, os.cpu_count() or 1] if args.torch_threads == "auto"
                    else [int(args.torch_threads)])
         best = best_cpu = None
@@ -181,6 +182,7 @@ def main() -> int:
             s, c, n_oc = timed(oc, args.repeats)
             rows.append((f"open_clip loop (torch, {t} thread{'s' if t > 1 else ''})", s, c,
                          n_oc))
+            print(f"measured: {rows[-1]}", flush=True)
             best = s if best is None else min(best, s)
             best_cpu = c if best_cpu is None else min(best_cpu, c)
     finally:
