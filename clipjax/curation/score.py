@@ -15,6 +15,7 @@ Hessel et al.), and with `embeddings=True` image_embedding / text_embedding
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -147,12 +148,50 @@ def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
+@functools.lru_cache(maxsize=8)
+def _pair_fn(model_key: str, mesh):
+    """One jitted program for both towers and the cosine: one dispatch per batch, and XLA
+    may run the towers side by side (the model is built as `ClipModel`'s encoders build it,
+    so the embeddings are the same)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from clipjax import config as config_lib
+    from clipjax import models
+
+    module = models.build_model(config_lib.from_json(model_key).model)
+
+    def apply(params, images, tokens):
+        img = module.apply({"params": params}, images, method=lambda m, v: m.encode_image(v))
+        txt = module.apply({"params": params}, tokens, method=lambda m, t: m.encode_text(t))
+        return img, txt, jnp.sum(img * txt, axis=-1)
+
+    batch = NamedSharding(mesh, PartitionSpec("batch"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(apply, in_shardings=(replicated, batch, batch),
+                   out_shardings=(batch, batch, batch)), batch
+
+
 def score_pairs(model, pixels: np.ndarray, tokens: np.ndarray, batch_size: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image_emb, text_emb, cosine) of uint8 images and token ids, row i with row i."""
-    img = model.encode_images(pixels, batch_size=batch_size)
-    txt = model.encode_texts(tokens, batch_size=batch_size)
-    return img, txt, np.einsum("nd,nd->n", img, txt).astype(np.float32)
+    import jax
+
+    n = len(pixels)
+    fn, sharding = _pair_fn(model._model_key, model._mesh)
+    b = model._batch_for(n, batch_size)  # fixed shapes: pad the last batch
+    results = []
+    for start in range(0, n, b):
+        x = model.preprocess.batch(pixels[start:start + b])
+        t = np.asarray(tokens[start:start + b], np.int32)
+        if len(x) < b:
+            x = np.concatenate([x, np.zeros((b - len(x), *x.shape[1:]), x.dtype)])
+            t = np.concatenate([t, np.zeros((b - len(t), t.shape[1]), t.dtype)])
+        results.append(fn(model.params, jax.device_put(x, sharding),
+                          jax.device_put(t, sharding)))  # dispatched asynchronously
+    img, txt, cos = (np.concatenate([np.asarray(r[i]) for r in results])[:n] for i in range(3))
+    return img, txt, cos.astype(np.float32)
 
 
 def score_shards(model, urls: Sequence[str], out_dir: str, *, batch_size: int = CHUNK,
