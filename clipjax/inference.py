@@ -73,6 +73,10 @@ class ClipModel:
         self._mesh = _mesh(tuple(d.id for d in self.devices))
         replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
         self.params = jax.device_put(params, replicated)
+        # Batches go to the devices explicitly: in a multi-process job (`data score` on a
+        # pod) jit refuses host numpy for a sharded argument, even over local devices only.
+        self._batch_sharding = jax.sharding.NamedSharding(
+            self._mesh, jax.sharding.PartitionSpec("batch"))
         self.preprocess = eval_transform(config.model)
 
     @classmethod
@@ -214,6 +218,8 @@ class ClipModel:
     def _encode(self, fn: Callable, inputs, batch_size: int | None,
                 prepare: Callable[[Any], np.ndarray]) -> np.ndarray:
         """Runs `fn` over fixed-size batches of `prepare(inputs[i:i+b])`, one batch in flight."""
+        import jax
+
         n = len(inputs)
         if n == 0:
             return np.zeros((0, self.embed_dim), np.float32)
@@ -226,6 +232,7 @@ class ClipModel:
             if count < b:  # pad the last batch so the compiled shape is reused
                 pad = np.zeros((b - count, *chunk.shape[1:]), chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
+            chunk = jax.device_put(chunk, self._batch_sharding)
             result = fn(self.params, chunk)  # dispatched asynchronously
             if pending is not None:
                 _store(out, *pending)

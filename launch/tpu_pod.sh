@@ -6,7 +6,10 @@
 #     launch/tpu_pod.sh all configs/clip_vit_b16.py gs://bucket/runs/b16 [--config.k=v ...]
 #
 # Steps (each can be run alone): create | setup | train CONFIG WORKDIR [overrides] | logs |
-# ssh CMD | delete | all CONFIG WORKDIR [overrides] (create + setup + train).
+# ssh CMD | delete | all CONFIG WORKDIR [overrides] (create + setup + train) |
+# clipjax ARGS... (any clipjax command on every worker at once, e.g.
+#   launch/tpu_pod.sh clipjax data score --model gs://b/runs/b32 --shards 'gs://b/pool/{00000..09999}.tar' --out gs://b/scores
+# : each worker scores its own shards; jax.distributed finds the others).
 # Settings (environment): TPU_NAME, ZONE, ACCELERATOR (e.g. v5litepod-256, v5p-128, v4-64),
 # RUNTIME (TPU VM software version), PROJECT, SPOT=1 (spot VMs), PREEMPTIBLE=1,
 # QUEUED=1 (queued resources: wait for capacity), DETACH=1 (train in the background and
@@ -85,6 +88,12 @@ train() {
   fi
 }
 
+clipjax_on_all() {
+  local quoted
+  quoted=$(printf "%q " "$@")
+  on_all_workers "cd $REMOTE_DIR && .venv/bin/clipjax $quoted 2>&1 | tee $LOG"
+}
+
 logs() {
   gcloud_tpu tpu-vm ssh "$TPU_NAME" --worker=0 --command="tail -n 100 -f $LOG"
 }
@@ -107,5 +116,6 @@ case "$step" in
   ssh) on_all_workers "$*" ;;
   delete) delete ;;
   all) create; setup; train "$@" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  clipjax) clipjax_on_all "$@" ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

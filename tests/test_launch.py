@@ -44,6 +44,18 @@ def test_slurm_script_builds_the_train_command(repo_root):
         "--config.train.steps=3"]
 
 
+def test_slurm_script_runs_other_commands_on_every_task(repo_root):
+    env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "2",
+           "SLURM_JOB_NODELIST": "n[1-2]", "CLIPJAX_COMMAND": "data score"}
+    args = ["--model", "/w", "--shards", "/p/{0..9}.tar", "--out", "/s"]
+    r = _bash(repo_root / "launch/slurm.sbatch", args, env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [
+        sys.executable, "-m", "clipjax", "data", "score", *args,
+        "--config.runtime.distributed=on", "--config.runtime.coordinator_address=n1:8483",
+        "--config.runtime.num_processes=2", "--config.runtime.process_id=0"]
+
+
 def test_tpu_pod_script_dry_run(repo_root):
     env = {"TPU_NAME": "t1", "ZONE": "us-west4-a", "ACCELERATOR": "v5litepod-16", "SPOT": "1",
            "QUEUED": "1"}
@@ -57,6 +69,11 @@ def test_tpu_pod_script_dry_run(repo_root):
     assert installs[0].count("pip install") == 2  # pip itself, then exactly '.[tpu]'
     assert "[test]" not in installs[0] and "open-clip" not in installs[0]
     assert "clipjax train --config configs/tiny.py --workdir gs://b/r" in lines[-1]
+    r = _bash(repo_root / "launch/tpu_pod.sh",
+              ["clipjax", "data", "score", "--shards", "gs://b/p/{0..9}.tar"], env)
+    assert r.returncode == 0, r.stderr
+    assert "--worker=all" in r.stdout
+    assert ".venv/bin/clipjax data score --shards gs://b/p/\\{0..9\\}.tar" in r.stdout
 
 
 @pytest.mark.parametrize("name, shape, chips", [

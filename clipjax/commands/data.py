@@ -1,11 +1,14 @@
-"""`clipjax data check|convert`: validate training shards, or write them from your data."""
+"""`clipjax data check|convert|score|filter|dedup`: validate training shards, write them from
+your data, and curate them (CLIP scores, score filtering, evaluation-set dedup)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "check webdataset shards or folders; convert folder/tfds/idx data to webdataset shards"
+from clipjax.commands import flags
+
+HELP = "check, convert (folder/tfds/idx) and curate (score, filter, dedup) webdataset shards"
 TAKES_CONFIG = True  # receives --config / --config.k=v (clipjax/cli.py)
 
 
@@ -58,11 +61,83 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="encoding for images that are not already JPEG/PNG/WebP")
 
 
+    _curation_arguments(sub)
+
+
+def _curation_arguments(sub) -> None:
+    s = sub.add_parser(
+        "score", help="CLIP score of every image-caption pair, as Parquet tables",
+        description="Writes OUT/<shard>-<hash>.parquet per shard: shard, key, caption, cosine, "
+        "clipscore (2.5*max(cos,0)) [, image_embedding, text_embedding as float16]. Shards "
+        "with a table are skipped (resume). Several processes split the shards (shard i goes "
+        "to process i % N): pass --config.runtime.distributed=on "
+        "--config.runtime.coordinator_address=H:P --config.runtime.num_processes=N "
+        "--config.runtime.process_id=I, or run under launch/ (TPU pods and SLURM are detected).")
+    flags.add_workdir(s, dest="model")
+    flags.add_step(s)
+    s.add_argument("--shards", required=True, help="brace pattern or '::'-separated list")
+    s.add_argument("--out", required=True, help="directory for the score tables")
+    s.add_argument("--embeddings", action="store_true",
+                   help="also store the image and text embeddings (float16)")
+    s.add_argument("--batch-size", type=int, default=256, help="pairs per device batch")
+    s.add_argument("--workers", type=int, default=0, help="decode threads (default: cores)")
+    s.add_argument("--max-image-pixels", type=int, default=0,
+                   help="skip images whose header declares more pixels (default: PIL's limit)")
+
+    f = sub.add_parser(
+        "filter", help="new shards with only the pairs that pass the rules (+ a report)",
+        description="Copies kept samples byte for byte into OUT/NNNNN.tar + sizes.json, and "
+        "writes OUT/report.json (kept, dropped by rule, threshold) and "
+        "OUT/score_histogram.png.")
+    f.add_argument("--scores", required=True, help="the `data score` output directory")
+    f.add_argument("--shards", required=True, help="the shards that were scored")
+    f.add_argument("--out", required=True, help="output directory, local or gs://")
+    g = f.add_mutually_exclusive_group(required=True)
+    g.add_argument("--min-score", type=float, default=None,
+                   help="keep pairs with cosine >= S (DataComp B/32: 0.25; LAION-2B: 0.28)")
+    g.add_argument("--keep-fraction", type=float, default=None,
+                   help="keep the top F of all scored pairs by cosine (DataComp L/14: 0.3)")
+    f.add_argument("--min-caption-words", type=int, default=0,
+                   help="drop captions with fewer words")
+    f.add_argument("--english", action="store_true",
+                   help="keep only captions py3langid identifies as English")
+    f.add_argument("--exclude", default="",
+                   help="a `data dedup` list (TSV: shard, key, ...): drop those samples")
+    f.add_argument("--shard-size", type=int, default=10000, help="samples per output shard")
+
+    d = sub.add_parser(
+        "dedup", help="find evaluation images (near-duplicates too) in training shards",
+        description="Lists training samples whose image equals (same decoded pixels) or "
+        "nearly equals (cosine >= --threshold, faiss) an evaluation image, as a TSV that "
+        "`data filter --exclude` reads.")
+    d.add_argument("--shards", required=True, help="training shards: brace pattern or list")
+    d.add_argument("--against", required=True,
+                   help="evaluation images: a `clipjax eval` task (fashion_mnist, idx:DIR, "
+                   "folder:DIR, wds:DIR, tfds:NAME, captions:DIR) or a folder of images")
+    d.add_argument("--split", default="", help="the task's split (default: its test split)")
+    d.add_argument("--data-dir", default="", help="as for `clipjax eval --data-dir`")
+    d.add_argument("--threshold", type=float, required=True,
+                   help="cosine at which a training image counts as a near-duplicate")
+    d.add_argument("--features", default="", choices=("", "clip", "pixels"),
+                   help="clip: the model's image embedding (default with --workdir); pixels: a "
+                   "model-free 16x16 grey thumbnail (default without)")
+    flags.add_workdir(d, required=False, dest="model",
+                      help="the model whose image tower embeds (with --features clip)")
+    flags.add_step(d)
+    d.add_argument("--crops", default="1.0,0.9,0.8",
+                   help="centre crops of each evaluation image that are indexed")
+    d.add_argument("--out", required=True, help="the list (TSV) to write, local or gs://")
+
+
 def run(args) -> int:
     from clipjax.errors import ClipjaxError
 
     if args.action == "check":
         return _check(args)
+    if args.action in ("score", "filter", "dedup"):
+        from clipjax.commands import curate
+
+        return curate.run(args)
     if args.action == "convert":
         from clipjax.data import convert, idx
 

@@ -108,6 +108,15 @@ class ShardWriter:
         self.count += 1
         return key
 
+    def write_members(self, key: str, members: dict[str, bytes]) -> None:
+        """Copies one sample's members (`{ext: bytes}`) under its own key, bytes untouched
+        (for tools that select samples of existing shards, e.g. `clipjax data filter`)."""
+        self._roll()
+        for ext, data in members.items():
+            self._member(f"{key}.{ext}", data)
+        self.sizes[self._name] += 1
+        self.count += 1
+
     def close(self) -> list[str]:
         self._finish_shard()
         paths.write_bytes(f"{self.out_dir}/{SIZES_FILE}",

@@ -433,5 +433,26 @@ def iter_shard(url: str) -> Iterator[dict]:
         shards.close()
 
 
+def iter_shard_members(url: str) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """(key, {ext: bytes}, error) of every sample of one shard in file order: the members
+    themselves, for tools that copy samples. An unreadable shard yields one
+    ('', {}, 'unreadable_shard'); a truncated member gives error 'truncated_member'."""
+    shards = TarShards([url], [0])
+    r = shards._reader(0)
+    if isinstance(r, Exception):
+        yield "", {}, "unreadable_shard"
+        return
+    try:
+        for s in r.samples:
+            try:
+                members, truncated = r.read_members(s)
+            except Exception:  # noqa: BLE001 - I/O trouble: this sample is skipped
+                yield s.key, {}, "read_error"
+                continue
+            yield s.key, members, "truncated_member" if truncated else None
+    finally:
+        shards.close()
+
+
 def iter_urls(urls: Sequence[str]) -> Iterator[dict]:
     return itertools.chain.from_iterable(iter_shard(u) for u in urls)
