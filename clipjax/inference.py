@@ -76,7 +76,7 @@ class ClipModel:
         # Batches go to the devices explicitly: in a multi-process job (`data score` on a
         # pod) jit refuses host numpy for a sharded argument, even over local devices only.
         self._batch_sharding = jax.sharding.NamedSharding(
-            self._mesh, jax.sharding.PartitionSpec("batch"))
+            self._mesh, jax.sharding.PartitionSpec("data"))
         self.preprocess = eval_transform(config.model)
 
     @classmethod

@@ -167,7 +167,7 @@ def _pair_fn(model_key: str, mesh):
         txt = module.apply({"params": params}, tokens, method=lambda m, t: m.encode_text(t))
         return img, txt, jnp.sum(img * txt, axis=-1)
 
-    batch = NamedSharding(mesh, PartitionSpec("batch"))
+    batch = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(apply, in_shardings=(replicated, batch, batch),
                    out_shardings=(batch, batch, batch)), batch
