@@ -2,7 +2,7 @@
 tower trained from scratch against it. Image params are frozen (no gradients, no
 optimizer state); only `image/...` comes from the checkpoint.
 
-    clipjax import ... --out runs/vitb16          # an OpenAI / open_clip ViT-B-16
+    clipjax import open_clip ... --workdir runs/vitb16   # an OpenAI / open_clip ViT-B-16
     clipjax train --config configs/lit_vit_b16.py:runs/vitb16 --workdir runs/lit \\
         --config.data.train.urls=/data/{00000..00999}.tar
 
