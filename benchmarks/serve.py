@@ -70,7 +70,7 @@ def model_config(name: str):
     return c
 
 
-def serve(index_dir: str, model_name: str, max_batch: int, ready) -> None:
+def serve(index_dir: str, model_name: str, max_batch: int, threads: int, ready) -> None:
     """The server process: the model, the index and the app of `clipjax serve`."""
     import socket
 
@@ -89,10 +89,12 @@ def serve(index_dir: str, model_name: str, max_batch: int, ready) -> None:
                       batch_size=max_batch)
     index = ImageIndex.open(index_dir)
     service = SearchService(model, index, max_batch=max_batch)
+    service.tune_search(threads)
     service.warm_up()
     app = create_app(service, Thumbnails(index.paths))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     ready.put((sock.getsockname()[1], len(index), index.cache.dim))
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(
         sockets=[sock])
@@ -157,8 +159,14 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32", help="a clipjax model preset")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--search-threads", type=int,
+                    default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                    help="faiss threads (as `clipjax serve`: half the CPUs, at most 8)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the server process inherits these
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
     dim = int(model_config(args.model).model.embed_dim)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +175,8 @@ def main() -> None:
         print(f"index: {args.vectors} random unit vectors, d={dim} "
               f"({time.perf_counter() - t:.1f} s to write)", flush=True)
         ready = ctx.Queue()
-        server = ctx.Process(target=serve, args=(tmp, args.model, args.max_batch, ready),
+        server = ctx.Process(target=serve, args=(tmp, args.model, args.max_batch,
+                                                        args.search_threads, ready),
                              daemon=True)
         t = time.perf_counter()
         server.start()
@@ -184,8 +193,10 @@ def main() -> None:
         finally:
             server.terminate()
             server.join(10)
-    print(f"\n{args.queries} text queries per level, k={args.k}, {os.cpu_count()} CPUs, "
-          f"max batch {args.max_batch}")
+    load1 = os.getloadavg()[0]
+    print(f"\n{args.queries} text queries per level, k={args.k}, {os.cpu_count()} CPUs "
+          f"(load average {load1:.1f} at the end), max batch {args.max_batch}, "
+          f"{args.search_threads} faiss thread(s)")
     print("| clients | queries/s | p50 ms | p99 ms | texts per model call |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

@@ -220,6 +220,9 @@ def test_non_loopback_host_needs_a_token(server, capsys, monkeypatch):
         assert "clipjax serve: error:" in err and "--token" in err and "loopback" in err
     assert main(["serve", "--index", server.index, "--token", "short"]) == 1
     assert "at least 8" in capsys.readouterr().err
+    # A busy port fails at once, before the model loads.
+    assert main(["serve", "--index", server.index, "--port", str(server.port)]) == 1
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
 def test_every_request_needs_the_token(server):
@@ -427,3 +430,20 @@ def test_the_page_in_chromium(server, model):
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_short_queries_run_on_fewer_positions_with_the_same_embedding():
+    from apps_data import tiny_model
+
+    from clipjax.serve.service import SearchService
+
+    model = tiny_model(seed=1)
+
+    service = SearchService(model, None, text_lengths=(4, 8))
+    assert service.text_lengths == [4, 8, 16]
+    texts = ["cat", "a photo of a cat", "a b c d e f g h i j k l m n o p q r s t u v"]
+    for group in ([texts[0]], texts[:2], texts):
+        np.testing.assert_allclose(service.encode_texts(group), model.encode_texts(group),
+                                   atol=1e-5)
+    ids = np.asarray(model.tokenize(texts[:1]))
+    assert int(ids.argmax()) + 1 <= 4  # "cat" fits the shortest length

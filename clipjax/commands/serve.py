@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef-search", type=int, default=64, help="hnsw: search breadth")
     p.add_argument("--max-batch", type=int, default=32, metavar="N",
                    help="most concurrent text queries embedded together (default 32)")
+    p.add_argument("--search-threads", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                   metavar="N", help="faiss threads per search (default: half the CPUs, "
+                                     "at most 8)")
     p.add_argument("--max-upload-mb", type=float, default=16.0, metavar="MB",
                    help="largest request body, e.g. an uploaded image in base64 (default 16)")
     p.add_argument("--max-pixels", type=int, default=89_478_485,
@@ -56,6 +59,8 @@ def check_args(args) -> None:
         raise ClipjaxError("--token must be at least 8 characters")
     if not 0 <= args.port <= 65535:
         raise ClipjaxError(f"--port must be from 0 to 65535, got {args.port}")
+    if args.search_threads < 1:
+        raise ClipjaxError(f"--search-threads must be >= 1, got {args.search_threads}")
     if args.max_batch < 1:
         raise ClipjaxError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_upload_mb <= 0 or args.thumbnail_size < 16 or args.max_pixels < 1:
@@ -107,6 +112,7 @@ def run(args) -> int:
     from clipjax.serve.thumbnails import Thumbnails
 
     service = SearchService(model, index, max_batch=args.max_batch, max_pixels=args.max_pixels)
+    service.tune_search(args.search_threads)
     service.warm_up()
     thumb_dir = args.thumbnails
     if thumb_dir is None and paths.local(index.cache.directory) is not None:

@@ -21,23 +21,38 @@ from clipjax.serve.queries import BadRequest, Query
 
 class SearchService:
     def __init__(self, model, index: ImageIndex, *, max_batch: int = 32,
-                 max_pixels: int = 89_478_485):
+                 max_pixels: int = 89_478_485, text_lengths: Sequence[int] = (16, 32)):
         self.model = model
         self.index = index
         self.max_pixels = max_pixels
         self.batcher = MicroBatcher(self._text_batch, max_batch)
-        self._vectors = None
+        context = model.context_length
+        if model.model_config.text.pool not in ("argmax", "first"):
+            text_lengths = ()  # the pooled token is the last: every position counts
+        self.text_lengths = sorted({n for n in text_lengths if 0 < n < context} | {context})
 
     @property
     def dim(self) -> int:
         return int(self.index.cache.dim or self.model.embed_dim)
+
+    @staticmethod
+    def tune_search(threads: int) -> None:
+        """faiss settings for a server: `threads` OpenMP threads (few: concurrent queries
+        are batched, and oversubscribed OpenMP threads spin), and BLAS for any batch of 2
+        or more queries (one pass over the index for the whole batch; faiss's default
+        scans it once per query below 20)."""
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, int(threads)))
+        faiss.cvar.distance_compute_blas_threshold = 2
 
     def warm_up(self) -> None:
         """Compiles the text encoder for each batch size the batcher can form, and the
         image encoder for one image."""
         b = 1
         while True:
-            self.model.encode_texts(["warm up"] * b)
+            for length in self.text_lengths:
+                self.model.encode_texts(np.zeros((b, length), np.int32))
             if b >= self.batcher.max_batch:
                 break
             b = min(2 * b, self.batcher.max_batch)
@@ -74,9 +89,21 @@ class SearchService:
     # ------------------------------------------------------------ on the model thread
 
     def _text_batch(self, items: Sequence[tuple[str, int]]) -> list[list[tuple[int, Hit]]]:
-        vectors = self.model.encode_texts([text for text, _ in items])
+        vectors = self.encode_texts([text for text, _ in items])
         rows = self._search(vectors, max(k for _, k in items))
         return [row[:k] for row, (_, k) in zip(rows, items)]
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """`model.encode_texts(texts)`, on the shortest of `text_lengths` positions that
+        holds every text's pooled token (a short query costs a fraction of the full
+        context; the embedding is the same)."""
+        ids = np.asarray(self.model.tokenize(list(texts)))
+        length = ids.shape[1]
+        if len(self.text_lengths) > 1:
+            pool = self.model.model_config.text.pool
+            need = int(ids.argmax(axis=1).max()) + 1 if pool == "argmax" else 1
+            length = next(n for n in self.text_lengths if n >= need)
+        return self.model.encode_texts(ids[:, :length])
 
     def _image_search(self, raw: bytes, k: int) -> list[tuple[int, Hit]]:
         try:
