@@ -160,7 +160,7 @@ class ClipModel:
             if ids.ndim != 2 or not 1 <= ids.shape[1] <= self.context_length \
                     or not np.issubdtype(ids.dtype, np.integer):
                 raise ClipjaxError(
-                    f"token ids must be int [N, L <= {self.context_length}]; got "
+                    f"token ids must be int [N, {self.context_length}] (or fewer positions); got "
                     f"{ids.dtype} {tuple(ids.shape)}")
             return self._encode(self._text_fn, ids.astype(np.int32), batch_size, lambda c: c)
         return self._encode(self._text_fn, list(texts), batch_size, self.tokenizer)
