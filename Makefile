@@ -14,8 +14,9 @@ PEER := open-clip-torch==3.3.0 timm==1.0.31 torchvision==0.28.0 clip-benchmark==
 .PHONY: venv demo test lint bench clean
 
 # System packages, where Debian's apt is usable: tcmalloc (the fast CPU allocator clipjax
-# re-executes under) and Fashion-MNIST (the demo's data). Skipped quietly elsewhere.
-SYSTEM_PACKAGES := libtcmalloc-minimal4 dataset-fashion-mnist
+# re-executes under), Fashion-MNIST (the demo's data) and chromium (the browser that
+# tests/test_serve.py drives through Playwright). Skipped quietly elsewhere.
+SYSTEM_PACKAGES := libtcmalloc-minimal4 dataset-fashion-mnist chromium
 
 $(STAMP): pyproject.toml Makefile
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \

@@ -30,6 +30,7 @@ COMMANDS = {
     "tokenizer": "clipjax.commands.tokenizer",
     "embed": "clipjax.commands.embed",
     "search": "clipjax.commands.search",
+    "serve": "clipjax.commands.serve",
     "classify": "clipjax.commands.classify",
     "calibrate": "clipjax.commands.calibrate",
     "score": "clipjax.commands.score",

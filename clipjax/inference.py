@@ -153,16 +153,18 @@ class ClipModel:
         """Texts → float32 [N, embed_dim], L2-normalised.
 
         `texts`: a string, a list of strings (tokenized with the model's
-        tokenizer), or int token ids [N, context_length].
+        tokenizer), or int token ids [N, L] with L <= context_length (the text tower runs
+        on the first L positions: with causal attention and argmax or first pooling, any
+        L past the pooled token gives the same embedding, at less cost).
         """
         if isinstance(texts, str):
             texts = [texts]
         if _is_array(texts):
             ids = np.asarray(texts)
-            if ids.ndim != 2 or ids.shape[1] != self.context_length \
+            if ids.ndim != 2 or not 1 <= ids.shape[1] <= self.context_length \
                     or not np.issubdtype(ids.dtype, np.integer):
                 raise ClipjaxError(
-                    f"token ids must be int [N, {self.context_length}]; got "
+                    f"token ids must be int [N, {self.context_length}] (or fewer positions); got "
                     f"{ids.dtype} {tuple(ids.shape)}")
             return self._encode(self._text_fn, ids.astype(np.int32), batch_size, lambda c: c)
         return self._encode(self._text_fn, list(texts), batch_size, self.tokenizer)
