@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from clipjax.commands import flags
+
 HELP = "serve a search web page and an HTTP API over an embedding cache"
 
 
@@ -18,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=os.environ.get("CLIPJAX_SERVE_TOKEN"),
                    help="bearer token every request must carry (default: $CLIPJAX_SERVE_TOKEN; "
                         "the environment keeps it out of `ps`)")
-    p.add_argument("--model", metavar="DIR", default=None,
-                   help="the model to embed queries with (default: the one recorded in the "
-                        "cache; it must be the model that embedded the images)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of --model")
+    flags.add_workdir(p, required=False, dest="model",
+                      help="the model to embed queries with (default: the one recorded in the "
+                           "cache; it must be the model that embedded the images)")
+    flags.add_step(p, help="checkpoint step of --workdir")
     p.add_argument("--approximate", action="store_true",
                    help="search the approximate index (see `clipjax search --approximate`)")
     p.add_argument("--index-kind", choices=("ivf", "hnsw"), default="ivf",
