@@ -34,11 +34,16 @@ def data_dir(tmp_path_factory):
     return train_cli.make_pairs(tmp_path_factory.mktemp("pairs"))
 
 
+# FLIP patch dropout (half of the 16 patches) and an EMA of the params ride along: the
+# kept patches are drawn like the crops, and the EMA is saved and restored with the state.
+RECIPES = ("--config.model.image.patch_dropout=0.5", "--config.train.ema_decay=0.9")
+
+
 def _args(workdir, data_dir, *extra):
-    """Webdataset shards, augmentation on: crops, flips and caption draws all follow
-    (seed, epoch, global position), whatever the process count and through resumes."""
-    return train_cli.args(workdir, data_dir, *train_cli.augmented_shards(data_dir), *extra,
-                          steps=STEPS, ckpt_every=CKPT_EVERY)
+    """Webdataset shards, augmentation on: crops, flips, caption and kept-patch draws all
+    follow (seed, epoch, global position), whatever the process count and through resumes."""
+    return train_cli.args(workdir, data_dir, *train_cli.augmented_shards(data_dir), *RECIPES,
+                          *extra, steps=STEPS, ckpt_every=CKPT_EVERY)
 
 
 def _env(devices=8):
@@ -54,10 +59,10 @@ _rows = train_cli.local_rows
 _wait_for = wait_for
 
 
-def _params(workdir, step):
-    """Params restored whole onto one device, whatever topology wrote them (no abstract
-    tree given: the checkpoint's own metadata, also for a 2-process checkpoint)."""
-    return jax.tree.map(np.asarray, checkpoint.restore_params(workdir, step))
+def _params(workdir, step, which="raw"):
+    """Params (or their EMA) restored whole onto one device, whatever topology wrote them
+    (no abstract tree given: the checkpoint's own metadata, also for a 2-process one)."""
+    return jax.tree.map(np.asarray, checkpoint.restore_params(workdir, step, which=which))
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +148,10 @@ def test_sigterm_and_sigkill_then_resume_is_exact(reference, data_dir, tmp_path)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
     assert [r["grad_norm"] for r in rows] == [r["grad_norm"] for r in ref]
-    mine, theirs = _params(workdir, STEPS), _params(reference["workdir"], STEPS)
-    jax.tree.map(np.testing.assert_array_equal, mine, theirs)
+    for which in ("raw", "ema"):
+        mine = _params(workdir, STEPS, which)
+        theirs = _params(reference["workdir"], STEPS, which)
+        jax.tree.map(np.testing.assert_array_equal, mine, theirs)
 
 
 def _free_port():

@@ -51,6 +51,7 @@ class Options:
     max_examples: int = 0  # 0 = the whole split
     linear_probe_max_train: int = 10000
     force: bool = False  # recompute results that exist already
+    params: str = "raw"  # raw | ema (the params' moving average, train.ema_decay > 0)
     progress: bool | None = None  # None = a bar when stderr is a terminal
 
 
@@ -163,7 +164,8 @@ class Evaluator:
 
     def _evaluate_or_skip(self, step: int) -> dict[str, dict] | None:
         if not self.opts.force:
-            have = [results.result_path(self.workdir, t.label, step) for t in self.opts.tasks]
+            have = [results.result_path(self.workdir, self._label(t), step)
+                    for t in self.opts.tasks]
             if all(paths.exists(p) for p in have):
                 self.log(f"step {step}: results exist in {results.EVAL_DIR}/ (--force recomputes)")
                 return None
@@ -184,14 +186,17 @@ class Evaluator:
 
     def evaluate_step(self, step: int) -> dict[str, dict]:
         t0 = time.perf_counter()
-        params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh)
+        params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh,
+                                     which=self.opts.params)
         self.log(f"step {step}: restored params in {time.perf_counter() - t0:.1f} s on "
                  f"{encoder_lib.device_summary(self.mesh)}")
         enc = self.encoder(params)
         out = {}
         for task in self.opts.tasks:
             t1 = time.perf_counter()
-            record = {"step": step, "task": task.label, "mode": task.mode}
+            label = self._label(task)
+            record = {"step": step, "task": task.label, "mode": task.mode,
+                      "params": self.opts.params}
             if task.mode == "zeroshot":
                 record.update(self._zeroshot(task, step, enc))
             elif task.mode == "linear_probe":
@@ -200,14 +205,19 @@ class Evaluator:
                 record.update(self._retrieval(task, enc))
             record["seconds"] = round(time.perf_counter() - t1, 3)
             cm, names = record.pop("_confusion", None), record.pop("_names", None)
-            results.write_json(self.workdir, task.label, step, record)
+            results.write_json(self.workdir, label, step, record)
             if cm is not None:
-                results.plot_confusion(self.workdir, task.label, step, cm, names)
-            self._tensorboard().write(task.label, record)
-            results.plot(self.workdir, task.label)
+                results.plot_confusion(self.workdir, label, step, cm, names)
+            self._tensorboard().write(label, record)
+            results.plot(self.workdir, label)
             self.log(_summary(record))
-            out[task.label] = record
+            out[label] = record
         return out
+
+    def _label(self, task: tasks.Task) -> str:
+        """Where a task's results go: eval/TASK/ for the raw params, eval/TASK+ema/ for
+        their EMA (so both can be kept side by side)."""
+        return task.label if self.opts.params == "raw" else f"{task.label}+{self.opts.params}"
 
     def _tensorboard(self) -> results.TensorBoard:
         if self._tb is None:
@@ -263,7 +273,7 @@ class Evaluator:
         """The ensembled class embeddings, cached per (checkpoint, task, prompts)."""
         key = hashlib.sha1(json.dumps(
             [names, templates, config_lib.to_json(self.config)]).encode()).hexdigest()[:16]
-        path = paths.join(self.workdir, results.EVAL_DIR, CACHE_DIR, task.label,
+        path = paths.join(self.workdir, results.EVAL_DIR, CACHE_DIR, self._label(task),
                           f"{step}-{key}.npy")
         if path.exists():
             return np.load(io.BytesIO(paths.read_bytes(path)))
