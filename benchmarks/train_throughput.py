@@ -8,6 +8,9 @@ width 384 / 6 layers / 6 heads / MLP 1536; text context 32 / vocab 49,408 /
 width 256 / 4 heads / 6 layers; embed 256), the same global batch (128), the
 same optimizer (AdamW, weight decay off biases/norms/embeddings, clip 1.0),
 float32, on random fixed batches (input pipeline excluded on both sides).
+`--patch-dropout P` measures each side at FLIP patch dropout 0 and P in the same run
+(clipjax: `model.image.patch_dropout`; open_clip: `CLIPVisionCfg.patch_dropout`) and
+prints the speed-up.
 clipjax runs the exact jitted step `clipjax train` runs. MFU = analytic FLOPs of
 the work each side does (clipjax.models.flops: open_clip runs every token through
 the last blocks, clipjax only the pooled one) over the peak FLOP/s of a 2048²
@@ -93,7 +96,7 @@ def open_clip_worker(args) -> dict:
         m.embed_dim,
         CLIPVisionCfg(layers=img.layers, width=img.width, head_width=img.width // img.heads,
                       mlp_ratio=img.mlp_ratio, patch_size=img.patch_size,
-                      image_size=img.image_size),
+                      image_size=img.image_size, patch_dropout=float(img.patch_dropout)),
         CLIPTextCfg(context_length=m.text.context_length, vocab_size=m.text.vocab_size,
                     width=m.text.width, heads=m.text.heads, layers=m.text.layers,
                     mlp_ratio=m.text.mlp_ratio),
@@ -135,7 +138,7 @@ def open_clip_worker(args) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def _run(side: str, allocator: str, args, peak: float = 0.0) -> dict:
+def _run(side: str, allocator: str, args, peak: float = 0.0, dropout: float = 0.0) -> dict:
     from clipjax import runtime
 
     env = {k: v for k, v in os.environ.items()
@@ -151,6 +154,8 @@ def _run(side: str, allocator: str, args, peak: float = 0.0) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--peak", str(peak)]
     cmd += [f"--override={o}" for o in args.override]
+    if dropout:
+        cmd.append(f"--override=--config.model.image.patch_dropout={dropout}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -172,6 +177,9 @@ def main(argv=None) -> int:
                    help="config override for both sides, e.g. "
                         "--override=--config.data.batch_size=64")
     p.add_argument("--no-peer", action="store_true", help="measure clipjax only")
+    p.add_argument("--patch-dropout", type=float, default=0.0, metavar="P",
+                   help="also run every side with FLIP patch dropout P (0 < P < 1) and print "
+                        "the speed-up over dropout 0, measured in the same run")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the whole sequence N times, interleaved, and keep each run's best "
                         "(the fastest median): a shared machine's noise only slows runs down")
@@ -185,39 +193,48 @@ def main(argv=None) -> int:
 
     from clipjax.interop import peer
 
-    runs = [tuple(s.split(":")) for s in args.sides.split(",") if s]
+    runs = [(*s.split(":"), 0.0) for s in args.sides.split(",") if s]
     if args.no_peer or not peer.available():
         runs = [r for r in runs if r[0] == "clipjax"]
+    if args.patch_dropout:
+        if not 0 < args.patch_dropout < 1:
+            p.error(f"--patch-dropout must be in (0, 1); got {args.patch_dropout}")
+        runs = [r for side, alloc, _ in runs for r in ((side, alloc, 0.0),
+                                                       (side, alloc, args.patch_dropout))]
     print(f"bench_s training step, batch 128, float32, {os.cpu_count()} CPUs; "
           f"load average before: {_load()}", flush=True)
-    best: dict[tuple[str, str], dict] = {}
+    best: dict[tuple, dict] = {}
     peak = 0.0
     for rep in range(args.repeat):
-        for side, allocator in runs:
-            r = _run(side, allocator, args, peak)
+        for key in runs:
+            side, allocator, dropout = key
+            r = _run(side, allocator, args, peak, dropout)
             peak = peak or r.get("peak_flops", 0.0)
-            old = best.get((side, allocator))
+            old = best.get(key)
             if old is None or r.get("samples_per_sec", 0) > old.get("samples_per_sec", 0):
-                best[(side, allocator)] = r
-            print(f"  [{rep + 1}/{args.repeat}] {side:9s} {allocator:8s} "
+                best[key] = r
+            print(f"  [{rep + 1}/{args.repeat}] {side:9s} {allocator:8s} dropout {dropout:.2f} "
                   f"{r.get('samples_per_sec', 0):6.1f} samples/s, load {_load()}", flush=True)
-    results = [(side, allocator, best[(side, allocator)]) for side, allocator in runs]
     print(f"load average after: {_load()}; matmul peak {peak / 1e9:.0f} GFLOP/s\n")
-    best_peer = max((r["samples_per_sec"] for s, _, r in results
-                     if s == "open_clip" and "samples_per_sec" in r), default=0.0)
-    header = (f"| {'implementation':23s} | {'allocator':9s} | samples/s | step s (median/min) "
-              f"|  MFU  | vs open_clip best |")
+    best_peer = max((r["samples_per_sec"] for (s, _, d), r in best.items()
+                     if s == "open_clip" and not d and "samples_per_sec" in r), default=0.0)
+    header = (f"| {'implementation':23s} | {'allocator':9s} | patch dropout | samples/s "
+              f"| step s (median/min) |  MFU  | vs open_clip best | vs dropout 0 |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for side, allocator, r in results:
+    for key in runs:
+        side, allocator, dropout = key
+        r = best[key]
         name = "clipjax (jax)" if side == "clipjax" else "open_clip 3.3.0 (torch)"
         if "error" in r:
-            print(f"| {name:23s} | {allocator:9s} | error: {r['error']}")
+            print(f"| {name:23s} | {allocator:9s} | {dropout:13.2f} | error: {r['error']}")
             continue
         ratio = f"{r['samples_per_sec'] / best_peer:.2f}x" if best_peer else "n/a"
-        print(f"| {name:23s} | {allocator:9s} | {r['samples_per_sec']:9.1f} | "
+        base = best.get((side, allocator, 0.0), {}).get("samples_per_sec")
+        speedup = f"{r['samples_per_sec'] / base:.2f}x" if base else "n/a"
+        print(f"| {name:23s} | {allocator:9s} | {dropout:13.2f} | {r['samples_per_sec']:9.1f} | "
               f"{r['step_time']:8.2f} / {r['step_time_min']:5.2f}    | {r['mfu']:5.1%} | "
-              f"{ratio:>17s} |")
+              f"{ratio:>17s} | {speedup:>12s} |")
     return 0
 
 

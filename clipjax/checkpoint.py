@@ -2,7 +2,8 @@
 
     WORKDIR/config.json        the resolved config
     WORKDIR/checkpoints/STEP/  orbax Composite: params, train (opt_state, step, rng),
-                               data (iterator state), metadata (JSON)
+                               data (iterator state), metadata (JSON), ema (the
+                               params' moving average, when train.ema_decay > 0)
     WORKDIR/metrics.jsonl      one JSON object per logged step
     WORKDIR/tb/                TensorBoard events
     WORKDIR/eval/              evaluator results
@@ -35,7 +36,8 @@ from clipjax.errors import ClipjaxError
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
-ITEMS = ("params", "train", "data", "metadata")
+ITEMS = ("params", "train", "data", "metadata", "ema")  # "ema": train.ema_decay > 0
+PARAM_ITEMS = {"raw": "params", "ema": "ema"}  # --params raw|ema -> the item holding them
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -139,13 +141,30 @@ def item_metadata(workdir: str, step: int, item: str) -> Any:
         return ocp.StandardCheckpointer().metadata(path).item_metadata
 
 
-def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
-    """Restores only the params item.
+def has_ema(workdir: str, step: int) -> bool:
+    return paths.exists(posixpath.join(step_dir(workdir, step), "ema"))
+
+
+def params_item(which: str) -> str:
+    """'raw' -> "params", 'ema' -> "ema" (the item a `--params` choice restores)."""
+    if which not in PARAM_ITEMS:
+        raise ClipjaxError(f"params must be 'raw' or 'ema'; got {which!r}")
+    return PARAM_ITEMS[which]
+
+
+def restore_params(workdir: str, step: int, abstract: Any | None = None,
+                   which: str = "raw") -> Any:
+    """Restores only the params item (`which='ema'`: their EMA, train.ema_decay > 0).
 
     With `abstract` (a pytree of jax.ShapeDtypeStruct with shardings) the arrays
     land on the caller's mesh, whatever mesh wrote them; without it they land
     whole on the first local device.
     """
+    item = params_item(which)
+    if item == "ema" and not has_ema(workdir, step):
+        raise ClipjaxError(
+            f"{checkpoint_dir(workdir)}/{step} holds no EMA of the params (it was trained "
+            "with train.ema_decay=0); use the raw params")
     with _quiet_absl():  # a read-only manager warns that it is read-only
         mgr = manager(workdir, read_only=True, async_save=False)
     try:
@@ -153,10 +172,10 @@ def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             abstract = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                item_metadata(workdir, step, "params"))
+                item_metadata(workdir, step, item))
         args = ocp.args.StandardRestore(abstract)
         with _quiet_absl():  # orbax warns about every item it was not asked to restore
-            out = mgr.restore(step, args=ocp.args.Composite(params=args))
+            out = mgr.restore(step, args=ocp.args.Composite(**{item: args}))
     except ClipjaxError:
         raise
     except Exception as e:
@@ -165,7 +184,7 @@ def restore_params(workdir: str, step: int, abstract: Any | None = None) -> Any:
             step) from e
     finally:
         mgr.close()
-    return out["params"]
+    return out[item]
 
 
 class UnreadableCheckpoint(ClipjaxError):

@@ -73,6 +73,9 @@ def default_config() -> ConfigDict:
     c.model.image.mean = OPENAI_MEAN
     c.model.image.std = OPENAI_STD
     c.model.image.interpolation = "bicubic"
+    # FLIP: fraction of patch tokens dropped per training image (class token kept; none at
+    # evaluation/inference). The kept count round((1 - p) * patches) is static.
+    c.model.image.patch_dropout = 0.0
 
     c.model.text = ConfigDict()
     c.model.text.context_length = 77
@@ -118,7 +121,7 @@ def default_config() -> ConfigDict:
     c.loss = ConfigDict()
     c.loss.kind = "softmax"  # softmax | sigmoid
     c.loss.impl = "dense"  # dense | ring
-    c.loss.positives = "index"  # index | caption
+    c.loss.positives = "index"  # index | caption | label (same class id)
     c.loss.chunk = 0  # tile the local block further (0 = off)
     c.loss.logit_scale_max = math.log(100.0)
 
@@ -151,6 +154,7 @@ def default_config() -> ConfigDict:
     c.train.peak_flops = 0.0  # per device; 0 = measure a matmul at start-up
     c.train.init_from = ""  # workdir or checkpoint to take initial params from
     c.train.eval_every = 0  # >0: run eval.tasks in the training process every N steps
+    c.train.ema_decay = 0.0  # EMA of the params kept in the train state; 0 = off
     c.train.init_from_keys = ".*"  # regex: which param paths init_from supplies (LiT: 'image/.*')
 
     c.mesh = ConfigDict()
@@ -213,7 +217,7 @@ _CHOICES = {
     "data.train.caption_choice": ("random", "first"),
     "loss.kind": ("softmax", "sigmoid"),
     "loss.impl": ("dense", "ring"),
-    "loss.positives": ("index", "caption"),
+    "loss.positives": ("index", "caption", "label"),
     "optim.name": ("adamw", "adafactor", "lion", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.warmup_init": ("zero", "one_step"),
@@ -322,6 +326,8 @@ def validate(config: ConfigDict) -> ConfigDict:
         if values[key] < 0:
             raise ConfigError(key, f"must be >= 0; got {values[key]!r}")
     _check_model(config.model)
+    if not 0.0 <= float(config.train.ema_decay) < 1.0:
+        raise ConfigError("train.ema_decay", f"must be in [0, 1); got {config.train.ema_decay!r}")
     _check_mesh(config)
     _check_loss(config)
     return config
@@ -367,6 +373,11 @@ def _check_model(m: ConfigDict) -> None:
             raise ConfigError(f"model.image.{key}", "needs 3 values (R, G, B)")
     if any(s <= 0 for s in img.std):
         raise ConfigError("model.image.std", "must be positive")
+    pd = float(img.patch_dropout)
+    if not 0.0 <= pd < 1.0:
+        raise ConfigError("model.image.patch_dropout", f"must be in [0, 1); got {pd!r}")
+    if pd and img.kind != "vit":
+        raise ConfigError("model.image.patch_dropout", "drops ViT patch tokens; this is a ResNet")
 
 
 def _check_mesh(c: ConfigDict) -> None:

@@ -25,8 +25,10 @@ from clipjax.errors import ClipjaxError
 DEFAULT_BATCH_SIZE = 64
 
 
-def load(path: str | os.PathLike, step: int | None = None, **kwargs) -> ClipModel:
-    """The model in a workdir (latest or `step`) or in WORKDIR/checkpoints/STEP.
+def load(path: str | os.PathLike, step: int | None = None, *, params: str = "raw",
+         **kwargs) -> ClipModel:
+    """The model in a workdir (latest or `step`) or in WORKDIR/checkpoints/STEP;
+    `params="ema"` takes the params' moving average (a run with train.ema_decay > 0).
 
     `path` may be relative (to the current directory), absolute or a URI
     (`gs://bucket/run`); `model.workdir` is the resolved one. `kwargs` go to
@@ -36,9 +38,9 @@ def load(path: str | os.PathLike, step: int | None = None, **kwargs) -> ClipMode
 
     workdir, step = checkpoint.resolve(os.fspath(path), step)
     config = checkpoint.read_config(workdir)
-    params = checkpoint.restore_params(workdir, step)
-    model = ClipModel(config, params, **kwargs)
-    model.workdir, model.step = workdir, step
+    weights = checkpoint.restore_params(workdir, step, which=params)
+    model = ClipModel(config, weights, **kwargs)
+    model.workdir, model.step, model.params_kind = workdir, step, params
     return model
 
 
@@ -47,6 +49,7 @@ class ClipModel:
 
     workdir: str | None = None
     step: int | None = None
+    params_kind: str = "raw"  # which params `load` took: raw | ema
 
     def __init__(self, config: ConfigDict, params: Any, *, batch_size: int = DEFAULT_BATCH_SIZE,
                  devices: Sequence[Any] | None = None, workers: int | None = None):

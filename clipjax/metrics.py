@@ -160,11 +160,12 @@ def model_flops_per_step(config, frozen_towers: tuple[str, ...] = (),
                          pooled_last: bool | None = None) -> float:
     """Analytic model FLOPs of one step: forward + backward (3×) of each trained tower, the
     forward only of a frozen one (LiT), and the B×B logits, times the global batch B.
-    `pooled_last=False` counts every token through the last block (open_clip's work)."""
+    `pooled_last=False` counts every token through the last block (open_clip's work).
+    Image tokens are those `model.image.patch_dropout` keeps."""
     from clipjax.models import flops
 
     batch = int(config.data.batch_size)
-    forward = flops.forward_flops(config.model, pooled_last)
+    forward = flops.forward_flops(config.model, pooled_last, training=True)
     per_sample = sum((1.0 if tower in frozen_towers else flops.TRAIN_MULTIPLIER) * forward[tower]
                      for tower in ("image", "text"))
     per_sample += flops.loss_flops_per_sample(config.model, batch)

@@ -2,8 +2,9 @@
 
 `make demo` (clipjax demo) converts the 60k training images to webdataset shards
 with captions from class names and templates, trains this config, and evaluates
-zero-shot on the 10k test images with held-out templates. Captions repeat within
-a batch (ten classes), so pairs with identical captions count as positives.
+zero-shot on the 10k test images with held-out templates. Ten classes share each
+batch, so every pair of the same class counts as a positive (`loss.positives=label`,
+labels from the shards' .json); that lets the captions vary over ten templates.
 """
 
 from clipjax.config import default_config
@@ -36,7 +37,7 @@ def get_config(arg=None):
     c.data.augment.crop_scale = (0.85, 1.0)
     c.data.augment.flip = True
 
-    c.loss.positives = "caption"
+    c.loss.positives = "label"
     c.optim.lr = 2e-3
     c.optim.weight_decay = 0.05
     c.optim.warmup_steps = 50

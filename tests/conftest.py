@@ -46,7 +46,8 @@ def cli_reference(tmp_path_factory, cli_data):
     assert code == 0, out[-3000:]
     workdir = str(cwd / "runs" / "ref")
     return {"workdir": workdir, "cwd": str(cwd), "out": out,
-            "rows": train_cli.local_rows(workdir), "params": train_cli.final_params(workdir)}
+            "rows": train_cli.local_rows(workdir), "params": train_cli.final_params(workdir),
+            "ema": train_cli.final_params(workdir, which="ema")}
 
 
 @pytest.fixture(scope="session")

@@ -122,6 +122,40 @@ def test_explicit_mesh_axes():
         _assert_same(got, reference, f"{impl} explicit")
 
 
+def _numpy_loss(x, y, ids, kind):
+    """float64 numpy reference: uniform soft targets over same-id pairs (softmax), z = +1 on
+    them (sigmoid)."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    logits = np.exp(RAW_SCALE) * x @ y.T + BIAS
+    pos = (ids[:, None] == ids[None, :]).astype(np.float64)
+    if kind == "softmax":
+        targets = pos / pos.sum(1, keepdims=True)
+
+        def ce(z):
+            z = z - z.max(1, keepdims=True)
+            return -(targets * (z - np.log(np.exp(z).sum(1, keepdims=True)))).sum(1).mean()
+
+        return (ce(logits) + ce(logits.T)) / 2, pos.sum() / len(ids)
+    z = 2 * pos - 1
+    return np.logaddexp(0, -z * logits).sum() / len(ids), pos.sum() / len(ids)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_label_positives_equal_numpy_and_ring_equals_dense(kind):
+    """Class ids (ten classes over 32 samples): every same-class pair is a positive; the
+    ring on 8 devices (tiled) equals the dense loss on one, values and gradients."""
+    x, y, _ = _inputs(32, 16, seed=9)
+    labels = np.random.default_rng(9).integers(0, 10, 32).astype(np.int32)
+    want, positives = _numpy_loss(x, y, labels, kind)
+    assert positives > 2  # the draw repeats classes
+    dense = _loss_and_grads(x, y, labels, kind=kind, positives="label")
+    _close(dense[0], want, f"{kind} label loss")
+    _close(dense[1]["positives"], positives, f"{kind} positives")
+    ring = _loss_and_grads(x, y, labels, mesh=_mesh((8,), ("data",)), impl="ring", chunk=2,
+                           kind=kind, positives="label")
+    _assert_same(ring, dense, "ring label")
+
+
 # --------------------------------------------------------------------------- peers
 
 
@@ -270,6 +304,8 @@ def test_bad_inputs_raise_clipjax_errors():
     x, y, ids = _inputs(8, 4)
     with pytest.raises(ClipjaxError, match="ids"):
         contrastive_loss(x, y, 1.0, positives="caption")
+    with pytest.raises(ClipjaxError, match="class labels"):
+        contrastive_loss(x, y, 1.0, positives="label")
     with pytest.raises(ClipjaxError, match="loss.kind"):
         contrastive_loss(x, y, 1.0, kind="hinge")
     with pytest.raises(ClipjaxError, match="one shape"):

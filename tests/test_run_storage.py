@@ -40,6 +40,8 @@ def _assert_same_run(workdir, reference):
     assert [r["grad_norm"] for r in rows] == [r["grad_norm"] for r in reference["rows"]]
     jax.tree.map(np.testing.assert_array_equal, train_cli.final_params(workdir),
                  reference["params"])
+    jax.tree.map(np.testing.assert_array_equal, train_cli.final_params(workdir, which="ema"),
+                 reference["ema"])
 
 
 def _corrupt_dirs(workdir):

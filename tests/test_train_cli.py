@@ -96,8 +96,10 @@ def test_two_processes_match_one(cli_reference, cli_data, tmp_path):
     rows, ref = _rows(workdir), cli_reference["rows"]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 train_cli.final_params(workdir), cli_reference["params"])
+    for which in ("params", "ema"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                     train_cli.final_params(workdir, which="raw" if which == "params" else
+                                            which), cli_reference[which])
 
 
 def test_two_processes_sigterm_to_one_both_save_the_same_step(cli_data, tmp_path):

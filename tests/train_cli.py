@@ -84,22 +84,28 @@ def args(workdir, data_dir, *extra, steps: int, ckpt_every: int):
 STEPS, CKPT_EVERY = 16, 4
 
 
+# FLIP patch dropout (half of the 16 patches) and an EMA of the params ride along: the
+# kept patches are drawn like the crops, and the EMA is saved and restored with the state.
+RECIPES = ("--config.model.image.patch_dropout=0.5", "--config.train.ema_decay=0.9")
+
+
 def reference_args(workdir, data_dir, *extra, steps: int = STEPS):
-    """Webdataset shards, augmentation on (crops, flips and caption draws all follow
-    (seed, epoch, global position), whatever the process count and through resumes);
-    checkpoints every 4 steps, the last two kept and every 8th."""
-    return args(workdir, data_dir, *augmented_shards(data_dir), "--config.train.keep_every=8",
-                *extra, steps=steps, ckpt_every=CKPT_EVERY)
+    """Webdataset shards, augmentation on (crops, flips, caption and kept-patch draws all
+    follow (seed, epoch, global position), whatever the process count and through
+    resumes), an EMA of the params; checkpoints every 4 steps, the last two kept and
+    every 8th."""
+    return args(workdir, data_dir, *augmented_shards(data_dir), *RECIPES,
+                "--config.train.keep_every=8", *extra, steps=steps, ckpt_every=CKPT_EVERY)
 
 
-def final_params(workdir, step: int = STEPS):
-    """Params restored whole onto one device, whatever topology wrote them (no abstract
-    tree given: the checkpoint's own metadata, also for a 2-process checkpoint)."""
+def final_params(workdir, step: int = STEPS, which: str = "raw"):
+    """Params (or their EMA) restored whole onto one device, whatever topology wrote them
+    (no abstract tree given: the checkpoint's own metadata, also for a 2-process one)."""
     import jax
 
     from clipjax import checkpoint
 
-    return jax.tree.map(np.asarray, checkpoint.restore_params(workdir, step))
+    return jax.tree.map(np.asarray, checkpoint.restore_params(workdir, step, which=which))
 
 
 def env(devices: int = 8, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -17,14 +17,18 @@ def add_model_arguments(p, *, required: bool = True) -> None:
     flags.add_step(p)
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="images or texts per encoder batch (default 64)")
+    p.add_argument("--params", choices=("raw", "ema"), default=None,
+                   help="the trained params (raw, default) or their moving average (ema: a run "
+                        "with train.ema_decay > 0)")
 
 
-def load_model(path: str, step: int | None = None, batch_size: int = 64):
+def load_model(path: str, step: int | None = None, batch_size: int = 64,
+               params: str | None = None):
     import clipjax
 
     if batch_size < 1:
         raise ClipjaxError(f"--batch-size must be >= 1, got {batch_size}")
-    return clipjax.load(path, step=step, batch_size=batch_size)
+    return clipjax.load(path, step=step, batch_size=batch_size, params=params or "raw")
 
 
 def report_skipped(skipped: Iterable, stream=None) -> int:

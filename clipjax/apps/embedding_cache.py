@@ -63,6 +63,7 @@ def model_record(model, fingerprint: str | None = None) -> dict[str, Any]:
     return {
         "workdir": paths_lib.to_str(workdir) if workdir else None,
         "step": getattr(model, "step", None),
+        "params": getattr(model, "params_kind", "raw"),  # raw | ema
         "fingerprint": fingerprint or model_fingerprint(model),
     }
 

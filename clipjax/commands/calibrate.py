@@ -31,7 +31,7 @@ def run(args) -> int:
     labels = classify.parse_labels(args.labels, args.labels_file)
     templates = classify.resolve_templates(args.templates)
     paths, truth, negative_dirs = calibrate.labelled_images(args.folder, labels)
-    model = console.load_model(args.model, args.step, args.batch_size)
+    model = console.load_model(args.model, args.step, args.batch_size, args.params)
     classifier = classify.build_classifier(model, labels, templates)
     ok, emb, bad = embed_files(model, paths, batch_size=args.batch_size,
                                progress=flags.progress(args))

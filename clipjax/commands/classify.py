@@ -55,7 +55,7 @@ def run(args) -> int:
     paths = find_images(args.images)
     if not paths:
         raise ClipjaxError(f"no image files in {' '.join(args.images)}")
-    model = console.load_model(args.model, args.step, args.batch_size)
+    model = console.load_model(args.model, args.step, args.batch_size, args.params)
     classifier = classify.build_classifier(model, labels, templates)
     ok, emb, bad = embed_files(model, paths, batch_size=args.batch_size,
                                progress=flags.progress(args))

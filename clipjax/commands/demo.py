@@ -30,10 +30,15 @@ DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
-# Few training templates on purpose: with `loss.positives=caption` only identical captions are
-# positives, so each extra template turns more same-class pairs into false negatives
-# (8 templates stayed near chance for 175 steps; 3 reach ~85% held-out in 500).
-TRAIN_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.")
+# A varied caption set: with `loss.positives=label` (configs/demo.py) every same-class pair
+# is a positive, so more templates make the text tower robust to wording instead of turning
+# same-class pairs into false negatives (as `positives=caption` did: 8 templates stayed
+# near chance for 175 steps there). Each image gets one of these at conversion.
+TRAIN_TEMPLATES = (
+    "a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",
+    "a bright photo of a {}.", "a cropped photo of the {}.", "a good photo of a {}.",
+    "a photo of my {}.", "a dark photo of the {}.", "a blurry photo of a {}.", "itap of a {}.",
+)
 # Held out: no training caption was made from these.
 EVAL_TEMPLATES = (
     "a picture of a {}.", "an image of the {}.", "a low resolution photo of a {}.",

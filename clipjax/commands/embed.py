@@ -44,13 +44,14 @@ def run(args) -> int:
     for spec in args.images:  # before the model loads: images must be local files
         require_local(spec)
     cache = EmbeddingCache.open_or_empty(args.out, dtype=args.dtype or "float16")
-    model_path, step = args.model, args.step
+    model_path, step, which = args.model, args.step, args.params
     if model_path is None:
         model_path = cache.model.get("workdir")
         step = cache.model.get("step") if step is None else step
+        which = cache.model.get("params") if which is None else which
         if not model_path:
             raise ClipjaxError(f"give --workdir: {args.out} holds no cache made from a workdir")
-    model = console.load_model(model_path, step, args.batch_size)
+    model = console.load_model(model_path, step, args.batch_size, which)
     report = cache.update(model, args.images, batch_size=args.batch_size, dtype=args.dtype,
                           prune=args.prune, rebuild=args.rebuild,
                           progress=flags.progress(args))

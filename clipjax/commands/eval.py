@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "is any image/caption with an identical caption (default: index)")
     p.add_argument("--force", action="store_true",
                    help="recompute results that exist already")
+    p.add_argument("--params", default=None, choices=("raw", "ema"),
+                   help="the trained params (raw, default) or their moving average (ema; "
+                        "a run with train.ema_decay > 0); ema results go to eval/<task>+ema/")
     flags.add_progress(p)
     p.epilog = ("Also takes --config configs/eval/x.py [--config.eval.k=v ...]: the config's "
                 "eval section supplies any option not given on the command line.")
@@ -103,7 +106,7 @@ def run(args) -> int:
         data_dir=args.data_dir, classnames=args.classnames, templates=args.templates,
         batch_size=args.batch_size, max_examples=args.max_examples,
         confusion_matrix=args.confusion_matrix, force=args.force or None,
-        positives=args.positives,
+        positives=args.positives, params=args.params,
         progress=flags.progress(args))
     if opts.batch_size <= 0:
         raise ClipjaxError(f"--batch-size must be positive; got {opts.batch_size}")

@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("format", choices=FORMATS, help="the target library")
     flags.add_workdir(p)
     flags.add_step(p)
+    p.add_argument("--params", choices=("raw", "ema"), default="raw",
+                   help="the trained params (raw) or their moving average (ema: a run with "
+                        "train.ema_decay > 0)")
     p.add_argument("--out", required=True, metavar="FILE.safetensors|DIR",
                    help="the weights file; a directory (no .safetensors suffix) gets open_clip's "
                         "local-dir layout (weights + open_clip_config.json with preprocessing); "
@@ -35,7 +38,7 @@ def run(args) -> int:
     from clipjax.interop.export import export_open_clip
 
     result = export_open_clip(args.workdir, args.out, step=args.step,
-                              model_config_out=args.model_config_out)
+                              model_config_out=args.model_config_out, params=args.params)
     print(f"wrote {result.weights} ({result.tensors} tensors)")
     if result.model_config:
         print(f"wrote {result.model_config}")

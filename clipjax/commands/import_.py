@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--act", choices=("quick_gelu", "gelu"), default=None,
                        help="override the activation (open_clip weights of OpenAI models need "
                             "quick_gelu; use the -quickgelu preset or this flag)")
+        p.add_argument("--image-size", type=int, default=0, metavar="PX",
+                       help="import into this image size: the ViT's position embeddings are "
+                            "resized bicubically (class token kept), as open_clip's "
+                            "resize_pos_embed")
+        p.add_argument("--context-length", type=int, default=0, metavar="N",
+                       help="import into this text context length (positions resized "
+                            "linearly, as open_clip's resize_text_pos_embed)")
         p.add_argument("--scan-layers", action="store_true",
                        help="store the transformer blocks stacked for model.scan_layers=True")
 
@@ -45,14 +52,23 @@ def run(args) -> int:
     workdir = paths.to_str(args.workdir)  # relative: where the command was started
     if checkpoint.finalized_steps(workdir):
         raise ClipjaxError(f"{args.workdir} already holds a checkpoint; choose a new --workdir")
+    for flag, value in (("--image-size", args.image_size),
+                        ("--context-length", args.context_length)):
+        if value < 0:
+            raise ClipjaxError(f"{flag} must be positive; got {value}")
+    resized: list[str] = []
+    kw = dict(act=args.act, image_size=args.image_size, context_length=args.context_length,
+              resized=resized)
     if args.source == "openai":
         from clipjax.interop.openai import import_openai
 
-        params, config = import_openai(args.checkpoint, act=args.act)
+        params, config = import_openai(args.checkpoint, **kw)
     else:
         from clipjax.interop.open_clip import import_open_clip
 
-        params, config = import_open_clip(args.checkpoint, args.model_config, act=args.act)
+        params, config = import_open_clip(args.checkpoint, args.model_config, **kw)
+    for line in resized:
+        print(f"resized {line}")
     if args.scan_layers:
         from clipjax.models import stack_layers
 

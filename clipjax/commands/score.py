@@ -59,7 +59,7 @@ def run(args) -> int:
     pairs = _pairs(args)
     for p, _ in pairs:
         require_local(p)
-    model = console.load_model(args.model, args.step, args.batch_size)
+    model = console.load_model(args.model, args.step, args.batch_size, args.params)
     paths = [os.path.abspath(p) for p, _ in pairs]
     unique = sorted(set(paths))
     ok, emb, bad = embed_files(model, unique, batch_size=args.batch_size,

@@ -54,7 +54,7 @@ def run(args) -> int:
             raise ClipjaxError(f"{args.index} records no model workdir; give --workdir")
     if args.image is None and not args.query.strip():
         raise ClipjaxError("--query is empty")
-    model = console.load_model(model_path, step)
+    model = console.load_model(model_path, step, params=index.cache.model.get("params"))
     search.check_model(model, index)
     if args.image is not None:
         from clipjax.apps.image_files import UnreadableImage, open_image

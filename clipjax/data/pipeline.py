@@ -10,7 +10,8 @@
       -> ThreadPrefetch(data.prefetch)     batches ahead
       -> TrainPipeline                     strips and accumulates the counts; checkpointable
 
-Batches are `{"image": float32 [b,S,S,3], "text": int32 [b,L]}` with
+Batches are `{"image": float32 [b,S,S,3], "text": int32 [b,L]}` (plus "label" int32 [b]
+for `loss.positives='label'` and "patches" int32 [b,k] for `model.image.patch_dropout`) with
 b = data.batch_size / process_count; process p's batch k is rows p·b .. (p+1)·b of the
 batch a single process would read, augmentation included. Batching happens after the
 workers, so neither the batches nor the saved state depend on data.workers,
@@ -40,7 +41,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from clipjax.data import sources as sources_lib
-from clipjax.data.transform import PositionSeeded, SkipCountingBatch, TrainTransform
+from clipjax.data.transform import PositionSeeded, SkipCountingBatch, TrainTransform, keep_indices
 from clipjax.errors import ClipjaxError, ConfigError, WorkerDied
 
 log = logging.getLogger(__name__)
@@ -195,10 +196,12 @@ class SyntheticBatch:
     zero padding) of a batch."""
 
     def __init__(self, batch: int, image_size: int, context_length: int, *, vocab_size: int,
-                 normalized: bool = True):
+                 normalized: bool = True, keep: tuple[int, int] | None = None,
+                 classes: int = 0):
         self.shape = (batch, image_size, image_size, 3)
         self.length, self.vocab = context_length, vocab_size
         self.normalized = normalized
+        self.keep, self.classes = keep, classes
 
     def __call__(self, index, rng: np.random.Generator) -> dict:
         b, length = self.shape[0], self.length
@@ -212,11 +215,27 @@ class SyntheticBatch:
         text = np.where(pos < lengths[:, None], body, 0).astype(np.int32)
         text[:, 0] = self.vocab - 2
         text[np.arange(b), lengths - 1] = self.vocab - 1
-        return {"image": images, "text": text, "_skipped": {}, "_bad": [],
-                "_next": int(index) + 1}
+        out = {"image": images, "text": text, "_skipped": {}, "_bad": [],
+               "_next": int(index) + 1}
+        if self.classes:
+            out["label"] = rng.integers(0, self.classes, size=b).astype(np.int32)
+        if self.keep is not None:
+            out["patches"] = np.stack([keep_indices(rng, *self.keep) for _ in range(b)])
+        return out
 
 
 # --------------------------------------------------------------------------- building
+
+
+def patch_keep(model_cfg: ConfigDict) -> tuple[int, int] | None:
+    """(patches, kept) under `model.image.patch_dropout`; None when nothing is dropped."""
+    from clipjax.models.vit import kept_patches
+
+    img = model_cfg.image
+    if img.kind != "vit" or not float(img.get("patch_dropout", 0.0)):
+        return None
+    patches = (img.image_size // img.patch_size) ** 2
+    return patches, kept_patches(patches, img.patch_dropout)
 
 
 def local_batch_size(config: ConfigDict, process_count: int) -> int:
@@ -282,7 +301,9 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
     if data.train.source == "synthetic":
         length = sys.maxsize if epochs is None else int(epochs)
         make = SyntheticBatch(b, img.image_size, config.model.text.context_length,
-                              vocab_size=config.model.text.vocab_size, normalized=normalize)
+                              vocab_size=config.model.text.vocab_size, normalized=normalize,
+                              keep=patch_keep(config.model),
+                              classes=10 if config.loss.positives == "label" else 0)
         batches = grain.MapDataset.range(length).random_map(
             make, seed=(seed * 1000003 + process_index) & 0x7FFFFFFF)
 
@@ -306,7 +327,9 @@ def build_train_pipeline(config: ConfigDict, *, process_index: int = 0, process_
         shuffle=shuffle, block=b)
     try:
         transform = TrainTransform(config.model, data.augment,
-                                   max_pixels=data.max_image_pixels, tokenizer=tokenizer)
+                                   max_pixels=data.max_image_pixels, tokenizer=tokenizer,
+                                   labels=config.loss.positives == "label",
+                                   keep=patch_keep(config.model))
     except ValueError as e:
         raise ConfigError("data.augment", str(e)) from None
     numbered = _Numbered(stream)

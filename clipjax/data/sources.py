@@ -97,7 +97,7 @@ class WebdatasetSource(Source):
 
     def read(self, shard, i):
         r = self.shards.read(shard, i)
-        return self._record(r["key"], r["image"], r["text"], r["error"])
+        return self._record(r["key"], r["image"], r["text"], r["error"], wds.sample_label(r))
 
 
 class FolderSource(Source):

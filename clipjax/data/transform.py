@@ -24,6 +24,7 @@ from clipjax.data.preprocess import normalize
 from clipjax.errors import ClipjaxError
 
 MAX_BAD_KEYS = 8  # per batch; the pipeline keeps the first few overall
+EXTRA_KEYS = ("label", "patches")  # per-sample fields batched along with image and text
 
 
 def is_skip(example) -> bool:
@@ -31,9 +32,14 @@ def is_skip(example) -> bool:
 
 
 class TrainTransform:
-    """(record, rng) -> {"image": uint8 [S,S,3], "text": int32 [L]} or a skip marker."""
+    """(record, rng) -> {"image": uint8 [S,S,3], "text": int32 [L]} or a skip marker;
+    with `labels`, also "label" (the record's class id; a record without one is skipped
+    as "no_label"); with `keep` = (patches, k), also "patches": int32 [k], the sorted patch
+    indices patch dropout keeps, drawn last from the sample's generator (so the crop, flip
+    and caption draws are those of a run without dropout)."""
 
-    def __init__(self, model_cfg, augment_cfg, *, max_pixels: int, tokenizer=None):
+    def __init__(self, model_cfg, augment_cfg, *, max_pixels: int, tokenizer=None,
+                 labels: bool = False, keep: tuple[int, int] | None = None):
         img = model_cfg.image
         self.crop = RandomResizedCrop(
             img.image_size, augment_cfg.crop_scale, augment_cfg.crop_ratio,
@@ -41,6 +47,8 @@ class TrainTransform:
         self.max_pixels = int(max_pixels)
         self.model_cfg = model_cfg
         self._tokenizer = tokenizer
+        self.labels = labels
+        self.keep = keep
 
     @property
     def tokenizer(self):
@@ -54,6 +62,8 @@ class TrainTransform:
         """Raises decode.BadSample for a sample to skip."""
         if record.get("error"):
             raise decode.BadSample(record["error"])
+        if self.labels and record.get("label") is None:
+            raise decode.BadSample("no_label")
         candidates = decode.caption_candidates(
             record["text"], split_lines=record.get("caption_lines", False))
         caption = decode.pick_caption(candidates, record.get("caption_choice", "random"), rng)
@@ -64,13 +74,24 @@ class TrainTransform:
             pil = decode.open_image(image, self.max_pixels)
         pixels = self.crop(pil, rng)
         tokens = np.asarray(self.tokenizer(caption), np.int32).reshape(-1)
-        return {"image": pixels, "text": tokens}
+        out = {"image": pixels, "text": tokens}
+        if self.labels:
+            out["label"] = np.int32(record["label"])
+        if self.keep is not None:
+            out["patches"] = keep_indices(rng, *self.keep)
+        return out
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
         try:
             return self.example(record, rng)
         except decode.BadSample as e:
             return {"skip": e.reason, "key": record.get("key", "?")}
+
+
+def keep_indices(rng: np.random.Generator, patches: int, keep: int) -> np.ndarray:
+    """Sorted int32 [keep]: a uniformly random subset of the `patches` token indices
+    (FLIP patch dropout; the class token is not among them, it is always kept)."""
+    return np.sort(rng.permutation(patches)[:keep]).astype(np.int32)
 
 
 AUGMENT_STREAM = 2  # EpochOrder draws with [seed, epoch] and [seed, epoch, window, 1]
@@ -117,6 +138,7 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict:
         images, texts, skipped, bad = [], [], {}, []
+        extras: dict[str, list] = {}  # "label", "patches": what the transform adds
         next_record = None
         while len(images) < self.batch_size:
             try:
@@ -135,12 +157,17 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
             self._bad_run = 0
             images.append(ex["image"])
             texts.append(ex["text"])
+            for k in EXTRA_KEYS:
+                if k in ex:
+                    extras.setdefault(k, []).append(ex[k])
         # `_next`: the stream index after the last record this batch consumed, i.e. where
         # a pipeline resumed after this batch starts (whatever prefetches downstream).
         if next_record is not None:
             self._next_record = next_record
-        return {"image": self._pixels(images), "text": _stack_tokens(texts),
-                "_skipped": skipped, "_bad": bad, "_next": next_record}
+        out = {"image": self._pixels(images), "text": _stack_tokens(texts),
+               "_skipped": skipped, "_bad": bad, "_next": next_record}
+        out.update({k: np.stack(v) for k, v in extras.items()})
+        return out
 
     def _give_up_check(self, reason: str) -> None:
         """An endless stream with no valid sample would otherwise spin forever."""

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
 JSON_EXT = "json"
+CLS_EXT = "cls"  # webdataset's class-id member: the integer as text
 SIZES_FILE = "sizes.json"  # {shard basename: sample count}; open_clip reads the same file
 
 # --------------------------------------------------------------------------- urls
@@ -293,7 +294,7 @@ def shard_sizes(urls: Sequence[str], cache_dir: str = "", listing: Listing | Non
 # --------------------------------------------------------------------------- reading
 
 
-_WANTED = (*IMAGE_EXTS, TEXT_EXT, JSON_EXT)
+_WANTED = (*IMAGE_EXTS, TEXT_EXT, JSON_EXT, CLS_EXT)
 
 
 class _Reader:
@@ -339,8 +340,24 @@ def record_from_members(key: str, members: dict[str, bytes | None], truncated: b
         "image": image,
         "text": members.get(TEXT_EXT),
         "json": members.get(JSON_EXT),
+        "cls": members.get(CLS_EXT),
         "error": error or ("truncated_member" if truncated else None),
     }
+
+
+def sample_label(record: dict) -> int | None:
+    """A sample's class id: its `.cls` member, else the "label" of its `.json`; None when
+    it has neither (or they do not hold an integer)."""
+    try:
+        if record.get("cls") is not None:
+            return int(record["cls"].decode("utf-8").strip())
+        if record.get("json") is not None:
+            label = json.loads(record["json"]).get("label")
+            if isinstance(label, int | str) and not isinstance(label, bool):
+                return int(label)
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return None
 
 
 class TarShards:

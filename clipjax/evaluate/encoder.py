@@ -38,9 +38,11 @@ def abstract_params(model_cfg: ConfigDict, mesh: Mesh):
                         shapes)
 
 
-def restore(workdir: str, step: int, model_cfg: ConfigDict, mesh: Mesh):
-    """The params of one checkpoint, placed on the evaluator's mesh (params item only)."""
-    return checkpoint_lib.restore_params(workdir, step, abstract_params(model_cfg, mesh))
+def restore(workdir: str, step: int, model_cfg: ConfigDict, mesh: Mesh, which: str = "raw"):
+    """The params of one checkpoint (`which='ema'`: their EMA), placed on the evaluator's
+    mesh (that item only)."""
+    return checkpoint_lib.restore_params(workdir, step, abstract_params(model_cfg, mesh),
+                                         which=which)
 
 
 class Encoder:

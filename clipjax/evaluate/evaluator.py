@@ -54,6 +54,7 @@ class Options:
     linear_probe_max_train: int = 10000
     positives: str = "index"  # retrieval: index | caption (also identical captions, `_caption`)
     force: bool = False  # recompute results that exist already
+    params: str = "raw"  # raw | ema (the params' moving average, train.ema_decay > 0)
     progress: bool | None = None  # None = a bar when stderr is a terminal
 
 
@@ -166,7 +167,8 @@ class Evaluator:
 
     def _evaluate_or_skip(self, step: int) -> dict[str, dict] | None:
         if not self.opts.force:
-            have = [results.result_path(self.workdir, t.label, step) for t in self.opts.tasks]
+            have = [results.result_path(self.workdir, self._label(t), step)
+                    for t in self.opts.tasks]
             if all(paths.exists(p) for p in have):
                 self.log(f"step {step}: results exist in {results.EVAL_DIR}/ (--force recomputes)")
                 return None
@@ -188,7 +190,8 @@ class Evaluator:
     def evaluate_step(self, step: int) -> dict[str, dict]:
         t0 = time.perf_counter()
         try:
-            params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh)
+            params = encoder_lib.restore(self.workdir, step, self.model_cfg, self.mesh,
+                                         which=self.opts.params)
         except checkpoint_lib.UnreadableCheckpoint as e:
             raise ClipjaxError(f"{e}; {self._earlier_good(step)}") from None
         self.log(f"step {step}: restored params in {time.perf_counter() - t0:.1f} s on "
@@ -202,7 +205,9 @@ class Evaluator:
         self.opts.tasks = [self._resolve_mode(t) for t in self.opts.tasks]
         for task in self.opts.tasks:
             t1 = time.perf_counter()
-            record = {"step": step, "task": task.label, "mode": task.mode}
+            label = self._label(task)
+            record = {"step": step, "task": task.label, "mode": task.mode,
+                      "params": self.opts.params}
             enc.take_skipped()
             if task.mode == "zeroshot":
                 record.update(self._zeroshot(task, step, enc))
@@ -219,13 +224,13 @@ class Evaluator:
                          f"image(s), e.g. {skipped[0]}")
             record["seconds"] = round(time.perf_counter() - t1, 3)
             cm, names = record.pop("_confusion", None), record.pop("_names", None)
-            results.write_json(self.workdir, task.label, step, record)
+            results.write_json(self.workdir, label, step, record)
             if cm is not None:
-                results.plot_confusion(self.workdir, task.label, step, cm, names)
-            self._tensorboard().write(task.label, record)
-            results.plot(self.workdir, task.label)
+                results.plot_confusion(self.workdir, label, step, cm, names)
+            self._tensorboard().write(label, record)
+            results.plot(self.workdir, label)
             self.log(_summary(record))
-            out[task.label] = record
+            out[label] = record
         return out
 
     def _resolve_mode(self, task: tasks.Task) -> tasks.Task:
@@ -246,7 +251,8 @@ class Evaluator:
         earlier = [s for s in checkpoint_lib.finalized_steps(self.workdir) if s < step]
         for s in list(reversed(earlier))[:tries]:
             try:
-                encoder_lib.restore(self.workdir, s, self.model_cfg, self.mesh)
+                encoder_lib.restore(self.workdir, s, self.model_cfg, self.mesh,
+                                    which=self.opts.params)
             except ClipjaxError:
                 continue
             return f"evaluate the newest good one with --step {s}"
@@ -254,6 +260,11 @@ class Evaluator:
             return "no earlier checkpoint exists"
         return (f"the {min(tries, len(earlier))} before it fail too; pick one of "
                 f"{earlier} with --step STEP")
+
+    def _label(self, task: tasks.Task) -> str:
+        """Where a task's results go: eval/TASK/ for the raw params, eval/TASK+ema/ for
+        their EMA (so both can be kept side by side)."""
+        return task.label if self.opts.params == "raw" else f"{task.label}+{self.opts.params}"
 
     def _tensorboard(self) -> results.TensorBoard:
         if self._tb is None:
@@ -315,7 +326,7 @@ class Evaluator:
         """The ensembled class embeddings, cached per (checkpoint, task, prompts)."""
         key = hashlib.sha1(json.dumps(
             [names, templates, config_lib.to_json(self.config)]).encode()).hexdigest()[:16]
-        path = paths.join(self.workdir, results.EVAL_DIR, CACHE_DIR, task.label,
+        path = paths.join(self.workdir, results.EVAL_DIR, CACHE_DIR, self._label(task),
                           f"{step}-{key}.npy")
         if path.exists():
             return np.load(io.BytesIO(paths.read_bytes(path)))

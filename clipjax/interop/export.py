@@ -87,15 +87,17 @@ class Exported:
 
 
 def export_open_clip(workdir: str, out: str, *, step: int | None = None,
-                     model_config_out: str | None = None) -> Exported:
-    """Writes the model in `workdir` (latest or `step`) for open_clip; see the module doc."""
+                     model_config_out: str | None = None, params: str = "raw") -> Exported:
+    """Writes the model in `workdir` (latest or `step`) for open_clip; see the module doc.
+    `params="ema"`: the params' moving average (train.ema_decay > 0)."""
     from clipjax import checkpoint
 
     wd, step = checkpoint.resolve(workdir, step)
     config = checkpoint.read_config(wd)
-    params = checkpoint.restore_params(wd, step)
-    return write_open_clip(params, config.model, out, model_config_out=model_config_out,
-                           metadata={"clipjax_workdir": wd, "clipjax_step": str(step)})
+    weights = checkpoint.restore_params(wd, step, which=params)
+    return write_open_clip(weights, config.model, out, model_config_out=model_config_out,
+                           metadata={"clipjax_workdir": wd, "clipjax_step": str(step),
+                                     "clipjax_params": params})
 
 
 def write_open_clip(params: Any, model_cfg: ConfigDict, out: str, *,

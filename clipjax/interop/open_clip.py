@@ -58,18 +58,25 @@ def _installed_open_clip_config(name: str) -> str | None:
 
 
 def import_open_clip(checkpoint: str, model_config: str | dict | ConfigDict, *,
-                     act: str | None = None) -> tuple[dict, ConfigDict]:
-    """(params, full config) from an open_clip checkpoint file and its model config."""
+                     act: str | None = None, image_size: int = 0, context_length: int = 0,
+                     resized: list[str] | None = None) -> tuple[dict, ConfigDict]:
+    """(params, full config) from an open_clip checkpoint file and its model config;
+    `image_size` / `context_length` (0 = the config's) resize the position embeddings
+    (see `state_dict.from_state_dict`; what was resized goes to `resized`)."""
     from clipjax import config as config_lib
 
     model_cfg = resolve_model_config(model_config)
     if act:
         model_cfg.act = act
+    if image_size:
+        model_cfg.image.image_size = int(image_size)
+    if context_length:
+        model_cfg.text.context_length = int(context_length)
     config = config_lib.default_config()
     config.model = model_cfg
     config_lib.validate(config)
     sd = read_state_dict(checkpoint)
-    return sd_lib.from_state_dict(sd, model_cfg), config
+    return sd_lib.from_state_dict(sd, model_cfg, resized), config
 
 
 def to_open_clip_state_dict(params: Any, model_cfg: ConfigDict) -> dict:

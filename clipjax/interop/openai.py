@@ -74,15 +74,22 @@ def infer_model_config(state_dict: Mapping[str, Any]) -> ConfigDict:
     return m
 
 
-def import_openai(checkpoint: str, *, act: str | None = None) -> tuple[dict, ConfigDict]:
-    """(params, full config) from an OpenAI CLIP state_dict file."""
+def import_openai(checkpoint: str, *, act: str | None = None, image_size: int = 0,
+                  context_length: int = 0, resized: list[str] | None = None
+                  ) -> tuple[dict, ConfigDict]:
+    """(params, full config) from an OpenAI CLIP state_dict file; `image_size` /
+    `context_length` (0 = the checkpoint's) resize the position embeddings."""
     from clipjax import config as config_lib
 
     sd = read_state_dict(checkpoint)
     model_cfg = infer_model_config(sd)
     if act:
         model_cfg.act = act
+    if image_size:
+        model_cfg.image.image_size = int(image_size)
+    if context_length:
+        model_cfg.text.context_length = int(context_length)
     config = config_lib.default_config()
     config.model = model_cfg
     config_lib.validate(config)
-    return sd_lib.from_state_dict(sd, model_cfg), config
+    return sd_lib.from_state_dict(sd, model_cfg, resized), config

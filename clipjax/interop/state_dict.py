@@ -20,6 +20,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from clipjax.errors import ClipjaxError
+from clipjax.models import posembed
 
 # Keys that carry no weights: OpenAI's metadata, BN counters, buffers.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -217,11 +218,15 @@ def _unrolled(model_cfg: ConfigDict) -> ConfigDict:
     return cfg
 
 
-def from_state_dict(state_dict: Mapping[str, Any], model_cfg: ConfigDict) -> dict:
+def from_state_dict(state_dict: Mapping[str, Any], model_cfg: ConfigDict,
+                    resized: list[str] | None = None) -> dict:
     """clipjax params (numpy, param_dtype) from an OpenAI/open_clip state_dict; strict.
 
     Values may be numpy arrays or anything `np.asarray` takes. The result is in the
-    scanned layout when `model_cfg.scan_layers` is set.
+    scanned layout when `model_cfg.scan_layers` is set. Position embeddings of another
+    image size or context length than `model_cfg`'s are resized as open_clip's
+    `resize_pos_embed` does (what was resized is appended to `resized`); any other
+    mismatch is an error naming the tensor.
     """
     from clipjax.models import abstract_params, stack_layers
     from clipjax.models.layers import dtype_of
@@ -232,6 +237,7 @@ def from_state_dict(state_dict: Mapping[str, Any], model_cfg: ConfigDict) -> dic
     dtype = np.dtype(dtype_of(model_cfg.param_dtype))
     params: dict = {}
     used = set()
+    resized = [] if resized is None else resized
     for rule in rules(cfg):
         target = _get(abstract, rule.path)
         expected = jax.eval_shape(rule.to_torch, jax.ShapeDtypeStruct(target.shape, np.float32))
@@ -242,6 +248,12 @@ def from_state_dict(state_dict: Mapping[str, Any], model_cfg: ConfigDict) -> dic
                     f"checkpoint has no {key!r} (the model config expects a tensor of shape "
                     f"{tuple(want.shape)}); is it a checkpoint of another architecture?")
             t = np.asarray(sd[key])
+            where = "/".join(rule.path)
+            if tuple(t.shape) != tuple(want.shape) and posembed.is_resizable(where):
+                new = posembed.resize(where, t.astype(np.float32), tuple(want.shape))
+                if new is not None:  # another image size / context length: resample
+                    resized.append(posembed.describe(where, t.shape, want.shape))
+                    t = new
             if tuple(t.shape) != tuple(want.shape) and not (
                     rule.path[-1].startswith("logit_") and t.size == 1):
                 raise ClipjaxError(

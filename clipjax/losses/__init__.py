@@ -8,8 +8,9 @@
 - impl: "dense" all-gathers both towers (O(b*B) memory per device, the
   reference); "ring" passes caption chunks around the batch axes with a custom
   VJP (O(b^2 + b*d) per device, flat in B). Both give the same loss and gradients.
-- positives: "index" (only the pair itself) or "caption" (every pair whose
-  caption hash `ids` matches: uniform soft targets for softmax, z = +1 for sigmoid).
+- positives: "index" (only the pair itself), "caption" (every pair whose caption
+  hash `ids` matches) or "label" (every pair whose class ids `ids` match): uniform
+  soft targets for softmax, z = +1 for sigmoid.
 - chunk: the ring tiles each visiting chunk into `chunk` captions (O(b*chunk)).
 
 logits = exp(min(logit_scale, logit_scale_max)) * cos_sim + logit_bias. As in
@@ -32,7 +33,7 @@ __all__ = ["contrastive_loss", "caption_ids", "options", "KINDS", "IMPLS", "POSI
 
 KINDS = ("softmax", "sigmoid")
 IMPLS = {"dense": dense_loss, "ring": ring_loss}
-POSITIVES = ("index", "caption")
+POSITIVES = ("index", "caption", "label")
 
 
 def _choice(name, value, options):
@@ -55,11 +56,12 @@ def contrastive_loss(img_emb, txt_emb, logit_scale, logit_bias=None, *, kind="so
     The batch dimension is sharded over `batch_axes` of `mesh` (one or several
     axes; mesh=None: one device). `logit_scale` is the raw log-scale parameter;
     `logit_bias` (optional) is added to every logit. `ids` int [B] (sharded like
-    the embeddings; see `caption_ids`) is needed for positives="caption".
+    the embeddings) is needed for positives="caption" (see `caption_ids`) and "label"
+    (the samples' class ids).
     Computed in float32. Differentiable in the embeddings, scale and bias; works
     under jit. metrics: i2t_acc, t2i_acc (in-batch top-1: the best-scoring
     partner is a positive), logit_scale (exponentiated, clamped), logit_bias
-    (when given or kind="sigmoid") and positives (mean per sample, caption mode).
+    (when given or kind="sigmoid") and positives (mean per sample, caption and label modes).
     """
     _choice("loss.kind", kind, KINDS)
     _choice("loss.impl", impl, tuple(IMPLS))
@@ -79,9 +81,11 @@ def contrastive_loss(img_emb, txt_emb, logit_scale, logit_bias=None, *, kind="so
     if n % axes.size:
         raise ClipjaxError(
             f"the global batch {n} does not split over {axes.size} devices of {axes.name}")
-    if positives == "caption":
+    if positives in ("caption", "label"):
         if ids is None:
-            raise ClipjaxError("positives='caption' needs ids (see clipjax.losses.caption_ids)")
+            where = ("see clipjax.losses.caption_ids" if positives == "caption"
+                     else "the batch's class labels")
+            raise ClipjaxError(f"positives={positives!r} needs ids ({where})")
         ids = jnp.asarray(ids)
         if ids.shape != (n,):
             raise ClipjaxError(f"ids must have shape ({n},); got {ids.shape}")
@@ -100,7 +104,7 @@ def contrastive_loss(img_emb, txt_emb, logit_scale, logit_bias=None, *, kind="so
     metrics = {"i2t_acc": i2t, "t2i_acc": t2i, "logit_scale": scale}
     if logit_bias is not None or kind == "sigmoid":
         metrics["logit_bias"] = bias
-    if positives == "caption":
+    if positives != "index":
         metrics["positives"] = count
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 

@@ -44,9 +44,10 @@ class Clip(nn.Module):
                 "logit_bias", logical(jax.nn.initializers.constant(self.logit_bias_init), ()),
                 (), jnp.float32)
 
-    def encode_image(self, images, normalize: bool = True):
-        """images: float [N, S, S, 3] NHWC, already normalised -> [N, embed_dim]."""
-        x = self.image(images)
+    def encode_image(self, images, normalize: bool = True, keep=None):
+        """images: float [N, S, S, 3] NHWC, already normalised -> [N, embed_dim].
+        `keep` int [N, k]: the ViT patches kept (patch dropout; training only)."""
+        x = self.image(images) if keep is None else self.image(images, keep)
         return l2_normalize(x) if normalize else x.astype(jnp.float32)
 
     def encode_text(self, tokens, normalize: bool = True):
@@ -54,9 +55,9 @@ class Clip(nn.Module):
         x = self.text(tokens)
         return l2_normalize(x) if normalize else x.astype(jnp.float32)
 
-    def __call__(self, images, tokens) -> dict[str, Any]:
+    def __call__(self, images, tokens, keep=None) -> dict[str, Any]:
         return {
-            "image_emb": self.encode_image(images),
+            "image_emb": self.encode_image(images, keep=keep),
             "text_emb": self.encode_text(tokens),
             "logit_scale": self.logit_scale,
             "logit_bias": self.logit_bias if self.use_logit_bias else None,

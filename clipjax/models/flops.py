@@ -33,9 +33,15 @@ def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float,
     return float(layers * block(tokens))
 
 
-def vit_flops(img: ConfigDict, embed_dim: int, pooled_last: bool = False) -> float:
+def vit_flops(img: ConfigDict, embed_dim: int, pooled_last: bool = False,
+              training: bool = False) -> float:
+    """`training`: only the patches that patch dropout keeps enter the tower."""
+    from clipjax.models.vit import kept_patches
+
     grid = img.image_size // img.patch_size
     patches = grid * grid
+    if training:
+        patches = kept_patches(patches, img.get("patch_dropout", 0.0))
     embed = 2 * patches * (img.patch_size ** 2 * 3) * img.width
     blocks = transformer_flops(patches + 1, img.width, img.layers, img.mlp_ratio, pooled_last)
     return float(embed + blocks + 2 * img.width * embed_dim)
@@ -71,13 +77,15 @@ def _pooled_last(model_cfg: ConfigDict, pooled_last: bool | None) -> bool:
     return True if pooled_last is None else pooled_last
 
 
-def image_flops(model_cfg: ConfigDict, pooled_last: bool | None = None) -> float:
+def image_flops(model_cfg: ConfigDict, pooled_last: bool | None = None,
+                training: bool = False) -> float:
     """Forward FLOPs of the image tower for one image (`pooled_last`: None = as clipjax
-    computes it; False = every token through every block, as open_clip does)."""
+    computes it; False = every token through every block, as open_clip does;
+    `training`: the tokens `model.image.patch_dropout` keeps)."""
     img = model_cfg.image
     if img.kind == "resnet":
         return resnet_flops(img, model_cfg.embed_dim)
-    return vit_flops(img, model_cfg.embed_dim, _pooled_last(model_cfg, pooled_last))
+    return vit_flops(img, model_cfg.embed_dim, _pooled_last(model_cfg, pooled_last), training)
 
 
 def text_flops(model_cfg: ConfigDict, length: int | None = None,
@@ -90,9 +98,11 @@ def text_flops(model_cfg: ConfigDict, length: int | None = None,
     return float(blocks + 2 * txt.width * model_cfg.embed_dim)
 
 
-def forward_flops(model_cfg: ConfigDict, pooled_last: bool | None = None) -> dict[str, float]:
-    """Per-sample forward FLOPs: {'image', 'text', 'total'} (one image-text pair)."""
-    image = image_flops(model_cfg, pooled_last)
+def forward_flops(model_cfg: ConfigDict, pooled_last: bool | None = None,
+                  training: bool = False) -> dict[str, float]:
+    """Per-sample forward FLOPs: {'image', 'text', 'total'} (one image-text pair;
+    `training`: with patch dropout's kept tokens)."""
+    image = image_flops(model_cfg, pooled_last, training)
     text = text_flops(model_cfg, pooled_last=pooled_last)
     return {"image": image, "text": text, "total": image + text}
 
@@ -105,7 +115,7 @@ def forward_flops_per_sample(model_cfg: ConfigDict) -> float:
 def train_flops_per_sample(model_cfg: ConfigDict) -> float:
     """FLOPs of one training step per image-text pair (~3x forward); excludes the loss,
     whose B x B logits add 2*B*embed_dim per sample for the global batch B."""
-    return TRAIN_MULTIPLIER * forward_flops(model_cfg)["total"]
+    return TRAIN_MULTIPLIER * forward_flops(model_cfg, training=True)["total"]
 
 
 def loss_flops_per_sample(model_cfg: ConfigDict, global_batch: int) -> float:

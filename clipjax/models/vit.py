@@ -22,6 +22,12 @@ def check_image_shape(images, size: int) -> None:
             "(NHWC, preprocessed)")
 
 
+def kept_patches(patches: int, dropout: float) -> int:
+    """How many of `patches` tokens an image keeps under patch dropout (FLIP): static, so
+    the program compiles once; at least one."""
+    return max(1, int(round((1.0 - float(dropout)) * patches))) if dropout else patches
+
+
 def patchify(images, patch: int):
     """[N, S, S, C] -> [N, (S/p)^2, p*p*C], patches in row-major order, each (y, x, c)."""
     n, h, w, c = images.shape
@@ -46,7 +52,10 @@ class VisionTransformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, keep=None):
+        """`keep` int [N, k] (optional): the patch indices each image keeps (FLIP patch
+        dropout, training only); the class token is always kept. Positions are those of
+        the kept patches, so the embeddings equal open_clip's PatchDropout after pos-emb."""
         p, w = self.patch_size, self.width
         grid = self.image_size // p
         scale = w ** -0.5
@@ -64,9 +73,16 @@ class VisionTransformer(nn.Module):
 
         check_image_shape(images, self.image_size)
         x = patchify(images.astype(self.dtype), p)
-        x = linear(x, patch_kernel.astype(self.dtype), kernels=self.kernels)
-        cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (x.shape[0], 1, w))
-        x = jnp.concatenate([cls, x], axis=1) + positional.astype(self.dtype)
+        pos = positional.astype(self.dtype)
+        pos_patches = pos[None, 1:]
+        if keep is not None:  # gather before the embedding: dropped patches cost nothing
+            keep = keep.astype(jnp.int32)
+            x = jnp.take_along_axis(x, keep[..., None], axis=1)
+            pos_patches = jnp.take(pos[1:], keep, axis=0)
+        x = linear(x, patch_kernel.astype(self.dtype), kernels=self.kernels) + pos_patches
+        cls = jnp.broadcast_to((class_embedding.astype(self.dtype) + pos[0]),
+                               (x.shape[0], 1, w))
+        x = jnp.concatenate([cls, x], axis=1)
         x = constrain(x)
         x = layer_norm(name="ln_pre", **kw)(x)
         x = Transformer(w, self.layers, self.heads, self.mlp_ratio, self.act, causal=False,

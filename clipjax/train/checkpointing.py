@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from clipjax import checkpoint, paths
 from clipjax.errors import ClipjaxError
+from clipjax.train import state as state_lib
 from clipjax.train.state import TrainState
 
 log = logging.getLogger("clipjax.train")
@@ -104,12 +105,14 @@ class Checkpointer:
         if step in self.mgr.all_steps():
             return False
         meta = {"step": step, "kind": "train", "time": time.time(), **(metadata or {})}
-        args = ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(state.train_item()),
             data=pipeline.save_args(),
             metadata=ocp.args.JsonSave(meta))
-        return self.mgr.save(step, args=args, force=force)
+        if state.ema is not None:
+            items["ema"] = ocp.args.StandardSave(state.ema)
+        return self.mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore_latest(self, abstract: TrainState, pipeline) -> TrainState | None:
         """The newest checkpoint that restores, onto `abstract`'s shardings; None if none.
@@ -236,12 +239,20 @@ class Checkpointer:
                 f"{self.workdir}/config.json, or use a new --workdir")
 
     def _restore(self, step: int, abstract: TrainState, pipeline) -> TrainState:
-        args = ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardRestore(abstract.params),
             train=ocp.args.StandardRestore(abstract.train_item()),
             data=pipeline.restore_args())
-        out = self.mgr.restore(step, args=args)
-        state = abstract.replace_from(out["params"], out["train"])
+        has_ema = paths.exists(posixpath.join(checkpoint.step_dir(self.workdir, step), "ema"))
+        if abstract.ema is not None and has_ema:
+            items["ema"] = ocp.args.StandardRestore(abstract.ema)
+        out = self.mgr.restore(step, args=ocp.args.Composite(**items))
+        ema = out.get("ema") if "ema" in items else None
+        if abstract.ema is not None and ema is None:
+            # A run that trained without an EMA turns it on: the average starts here.
+            log.info("checkpoint %d has no EMA; train.ema_decay starts it from its params", step)
+            ema = state_lib.copy_tree(out["params"])
+        state = abstract.replace_from(out["params"], out["train"], ema)
         if int(jax.device_get(state.step)) != step:
             raise ClipjaxError(f"checkpoint {step} holds state of step {int(state.step)}")
         return state

@@ -115,6 +115,10 @@ def _initial_state(program, config: ConfigDict):
             config.train.init_from, config.train.init_from_keys, state.params)
         # The optimizer state of fresh params is zeros: re-init it around the loaded params.
         state = state.replace(params=params)
+        if state.ema is not None:  # the average starts at the loaded params
+            from clipjax.train.state import copy_tree
+
+            state = state.replace(ema=copy_tree(params))
         print(f"clipjax train: {len(taken)} params from {config.train.init_from}", flush=True)
     return state
 

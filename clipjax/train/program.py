@@ -76,20 +76,36 @@ class TrainProgram:
                      if isinstance(v, dict) and not any(jax.tree.leaves(v)))
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-        m = self.config.model
-        b, size, length = self.config.data.batch_size, m.image.image_size, m.text.context_length
-        return {
-            # uint8 pixels: the trainer's pipeline leaves normalising to the step
-            "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8,
-                                          sharding=self.batch_shardings["image"]),
-            "text": jax.ShapeDtypeStruct((b, length), jnp.int32,
-                                         sharding=self.batch_shardings["text"]),
-        }
+        b = self.config.data.batch_size
+        return {k: jax.ShapeDtypeStruct((b, *tail), dtype, sharding=self.batch_shardings[k])
+                for k, (tail, dtype) in batch_layout(self.config).items()}
 
     def global_batch(self, local: dict[str, Any]) -> dict[str, jax.Array]:
         """This process's numpy batch → global arrays split over the batch axes."""
-        return sharding.to_global(
-            {"image": local["image"], "text": local["text"]}, self.mesh, self.batch_axes)
+        missing = [k for k in self.batch_shardings if k not in local]
+        if missing:
+            raise ConfigError(
+                "data.train", f"the input batches lack {missing}, which this config's "
+                "loss.positives / model.image.patch_dropout need")
+        return sharding.to_global({k: local[k] for k in self.batch_shardings}, self.mesh,
+                                  self.batch_axes)
+
+
+def batch_layout(config: ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """name -> (per-sample shape, dtype) of what a step reads from each batch: uint8 pixels
+    (the step normalises), token rows, and, when the config needs them, class labels
+    (`loss.positives='label'`) and the kept patch indices (`model.image.patch_dropout`)."""
+    from clipjax.models.vit import kept_patches
+
+    m = config.model
+    size, length = m.image.image_size, m.text.context_length
+    out = {"image": ((size, size, 3), jnp.uint8), "text": ((length,), jnp.int32)}
+    if config.loss.positives == "label":
+        out["label"] = ((), jnp.int32)
+    if m.image.kind == "vit" and float(m.image.get("patch_dropout", 0.0)):
+        patches = (size // m.image.patch_size) ** 2
+        out["patches"] = ((kept_patches(patches, m.image.patch_dropout),), jnp.int32)
+    return out
 
 
 def _check_batch(config: ConfigDict, mesh: Mesh, axes: tuple[str, ...]) -> None:
@@ -116,16 +132,18 @@ def build(config: ConfigDict, mesh: Mesh | None = None) -> TrainProgram:
     model = models.build_model(config.model)
     tx = optim.build(config)
     lr = optim.schedule(config.optim, int(config.train.steps))
-    abstract, shardings = state_lib.state_shardings(config.model, tx, mesh, rules)
+    ema_decay = float(config.train.get("ema_decay", 0.0))
+    abstract, shardings = state_lib.state_shardings(config.model, tx, mesh, rules,
+                                                    ema=ema_decay > 0)
     optim.check_frozen(abstract.params, config.optim.frozen)
     trainable = optim.trainable_mask(abstract.params, config.optim.frozen)
-    batch_shardings = {"image": sharding.batch_sharding(mesh, axes, 4),
-                       "text": sharding.batch_sharding(mesh, axes, 2)}
+    batch_shardings = {k: sharding.batch_sharding(mesh, axes, 1 + len(tail))
+                       for k, (tail, _) in batch_layout(config).items()}
     spec = step_lib.StepSpec(model=model, tx=tx, lr=lr, loss_cfg=config.loss, mesh=mesh,
                              batch_axes=axes, trainable=trainable,
                              grad_accum=int(config.train.grad_accum),
                              image_mean=tuple(config.model.image.mean),
-                             image_std=tuple(config.model.image.std),
+                             image_std=tuple(config.model.image.std), ema_decay=ema_decay,
                              freeze_after_nonfinite=config.train.nonfinite == "stop")
     program = TrainProgram(
         config=config, mesh=mesh, rules=rules, batch_axes=axes, model=model, tx=tx, lr=lr,

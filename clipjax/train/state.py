@@ -24,20 +24,24 @@ from clipjax import models, sharding
 @flax.struct.dataclass
 class TrainState:
     """Everything a step reads and writes. `step` counts batches consumed (data position);
-    `nonfinite` counts steps whose update was skipped for a non-finite loss or gradient."""
+    `nonfinite` counts steps whose update was skipped for a non-finite loss or gradient;
+    `ema` (None when `train.ema_decay` is 0) is the exponential moving average of the
+    params, sharded like them and saved as the checkpoint's "ema" item."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     nonfinite: jax.Array
+    ema: Any = None
 
     def train_item(self) -> dict[str, Any]:
         """What the checkpoint's "train" item holds (params are their own item)."""
         return {"step": self.step, "opt_state": self.opt_state, "nonfinite": self.nonfinite}
 
-    def replace_from(self, params: Any, train_item: dict[str, Any]) -> TrainState:
+    def replace_from(self, params: Any, train_item: dict[str, Any], ema: Any = None) -> TrainState:
         return TrainState(step=train_item["step"], params=params,
-                          opt_state=train_item["opt_state"], nonfinite=train_item["nonfinite"])
+                          opt_state=train_item["opt_state"], nonfinite=train_item["nonfinite"],
+                          ema=ema)
 
 
 def param_shardings(model_cfg, mesh: Mesh, rules: sharding.Rules) -> tuple[Any, Any]:
@@ -66,14 +70,18 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
     return abstract, shardings
 
 
-def state_shardings(model_cfg, tx, mesh: Mesh, rules: sharding.Rules) -> tuple[Any, Any]:
-    """(abstract TrainState with shardings attached, TrainState of NamedShardings)."""
+def state_shardings(model_cfg, tx, mesh: Mesh, rules: sharding.Rules,
+                    ema: bool = False) -> tuple[Any, Any]:
+    """(abstract TrainState with shardings attached, TrainState of NamedShardings);
+    `ema`: the state holds an EMA of the params (laid out like them)."""
     abs_params, p_shard = param_shardings(model_cfg, mesh, rules)
     abs_opt, o_shard = opt_state_shardings(tx, abs_params, p_shard, mesh)
     rep = sharding.replicated(mesh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    abstract = TrainState(step=scalar, params=abs_params, opt_state=abs_opt, nonfinite=scalar)
-    shardings = TrainState(step=rep, params=p_shard, opt_state=o_shard, nonfinite=rep)
+    abstract = TrainState(step=scalar, params=abs_params, opt_state=abs_opt, nonfinite=scalar,
+                          ema=abs_params if ema else None)
+    shardings = TrainState(step=rep, params=p_shard, opt_state=o_shard, nonfinite=rep,
+                           ema=p_shard if ema else None)
     with_sharding = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return with_sharding, shardings
@@ -86,7 +94,9 @@ def make_init(model, model_cfg, tx, shardings: TrainState, mesh: Mesh, rules):
         boxed = model.init(rng, *models.dummy_inputs(model_cfg))["params"]
         params = nn.meta.unbox(boxed)
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite=zero)
+        ema = copy_tree(params) if shardings.ema is not None else None
+        return TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite=zero,
+                          ema=ema)
 
     jitted = jax.jit(init, out_shardings=shardings)
 
@@ -95,6 +105,20 @@ def make_init(model, model_cfg, tx, shardings: TrainState, mesh: Mesh, rules):
             return jitted(rng)
 
     return run
+
+
+def copy_tree(tree: Any) -> Any:
+    """Fresh buffers with the same values (an EMA born equal to the params must not share
+    their buffers: the step donates both)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def update_ema(decay: float, ema: Any, params: Any) -> Any:
+    """ema <- decay * ema + (1 - decay) * params, leaf by leaf, in the params' dtype."""
+    d = jnp.float32(decay)
+    return jax.tree.map(
+        lambda e, p: (d * e.astype(jnp.float32) + (1 - d) * p.astype(jnp.float32)).astype(e.dtype),
+        ema, params)
 
 
 def shardings_of(tree: Any) -> Any:

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from clipjax import losses
-from clipjax.train.state import TrainState
+from clipjax.train.state import TrainState, update_ema
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,7 @@ class StepSpec:
     # train.nonfinite='stop': after the first non-finite step the state stays frozen, so the
     # loop can look for it every few steps (no per-step device_get) and save that state.
     freeze_after_nonfinite: bool = False
+    ema_decay: float = 0.0  # train.ema_decay (the state holds an EMA when > 0)
 
 
 def normalize_images(images: jax.Array, mean, std) -> jax.Array:
@@ -61,8 +62,17 @@ def normalize_images(images: jax.Array, mean, std) -> jax.Array:
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def _loss(spec: StepSpec, img_emb, txt_emb, scale, bias, text):
-    ids = losses.caption_ids(text) if spec.loss_cfg.positives == "caption" else None
+def _positive_ids(spec: StepSpec, batch):
+    """The ids whose equality makes a pair positive: caption hashes, class labels, or
+    None (only the pair itself)."""
+    if spec.loss_cfg.positives == "caption":
+        return losses.caption_ids(batch["text"])
+    if spec.loss_cfg.positives == "label":
+        return batch["label"]
+    return None
+
+
+def _loss(spec: StepSpec, img_emb, txt_emb, scale, bias, ids):
     return losses.contrastive_loss(img_emb, txt_emb, scale, bias, mesh=spec.mesh,
                                    batch_axes=spec.batch_axes, ids=ids,
                                    **losses.options(spec.loss_cfg))
@@ -72,11 +82,11 @@ def _freeze(params, trainable):
     return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
 
-def _embed(spec: StepSpec, params, images, text):
+def _embed(spec: StepSpec, params, images, text, keep=None):
     images = normalize_images(images, spec.image_mean, spec.image_std)
     return spec.model.apply(
-        {"params": params}, images, text,
-        method=lambda m, i, t: (m.encode_image(i), m.encode_text(t)))
+        {"params": params}, images, text, keep,
+        method=lambda m, i, t, k: (m.encode_image(i, keep=k), m.encode_text(t)))
 
 
 def whole_batch_grads(spec: StepSpec, params, batch):
@@ -85,9 +95,9 @@ def whole_batch_grads(spec: StepSpec, params, batch):
     def loss_fn(p):
         p = _freeze(p, spec.trainable)
         images = normalize_images(batch["image"], spec.image_mean, spec.image_std)
-        out = spec.model.apply({"params": p}, images, batch["text"])
+        out = spec.model.apply({"params": p}, images, batch["text"], batch.get("patches"))
         return _loss(spec, out["image_emb"], out["text_emb"], out["logit_scale"],
-                     out["logit_bias"], batch["text"])
+                     out["logit_bias"], _positive_ids(spec, batch))
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -116,27 +126,28 @@ def gradcache_grads(spec: StepSpec, params, batch):
     frozen_aware = _freeze(params, spec.trainable)
     images = _split(batch["image"], k, mesh, axes)
     texts = _split(batch["text"], k, mesh, axes)
+    keeps = _split(batch["patches"], k, mesh, axes) if "patches" in batch else None
 
     def embed_one(_, mb):
         return None, _embed(spec, jax.lax.stop_gradient(params), *mb)
 
-    _, (img_emb, txt_emb) = jax.lax.scan(embed_one, None, (images, texts))
+    _, (img_emb, txt_emb) = jax.lax.scan(embed_one, None, (images, texts, keeps))
     img_emb, txt_emb = _merge(img_emb, mesh, axes), _merge(txt_emb, mesh, axes)
 
     bias = params.get("logit_bias")
     (loss, metrics), (g_img, g_txt, g_scale, g_bias) = jax.value_and_grad(
-        lambda i, t, s, b: _loss(spec, i, t, s, b, batch["text"]),
+        lambda i, t, s, b: _loss(spec, i, t, s, b, _positive_ids(spec, batch)),
         argnums=(0, 1, 2, 3), has_aux=True)(img_emb, txt_emb, params["logit_scale"], bias)
     g_img, g_txt = _split(g_img, k, mesh, axes), _split(g_txt, k, mesh, axes)
 
     def backprop_one(acc, mb):
-        img, txt, gi, gt = mb
-        _, pull = jax.vjp(lambda p: _embed(spec, p, img, txt), frozen_aware)
+        img, txt, keep, gi, gt = mb
+        _, pull = jax.vjp(lambda p: _embed(spec, p, img, txt, keep), frozen_aware)
         (g,) = pull((gi, gt))
         return jax.tree.map(jnp.add, acc, g), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(backprop_one, zeros, (images, texts, g_img, g_txt))
+    grads, _ = jax.lax.scan(backprop_one, zeros, (images, texts, keeps, g_img, g_txt))
     grads = dict(grads)
     if spec.trainable["logit_scale"]:
         grads["logit_scale"] = grads["logit_scale"] + g_scale
@@ -175,6 +186,9 @@ def train_step(spec: StepSpec, state: TrainState, batch: dict[str, jax.Array]):
         params=_where(ok, params, state.params),
         opt_state=_where(ok, opt_state, state.opt_state),
         nonfinite=state.nonfinite + jnp.where(finite | frozen, 0, 1).astype(jnp.int32))
+    if state.ema is not None:  # a skipped step leaves the average where it was
+        new = new.replace(ema=_where(ok, update_ema(spec.ema_decay, state.ema, new.params),
+                                     state.ema))
     out = {
         "loss": loss,
         "lr": spec.lr(applied),

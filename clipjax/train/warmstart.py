@@ -4,7 +4,9 @@ LiT locks an image tower that was trained elsewhere (an imported OpenAI /
 open_clip checkpoint) and trains a text tower against it. Every param whose
 path matches `train.init_from_keys` is taken from the source checkpoint (same
 path, same shape required); the others keep their fresh init. The arrays are
-restored straight onto this run's shardings.
+restored straight onto this run's shardings. Position embeddings of another image
+size or context length are resized (`clipjax.models.posembed`, as open_clip's
+`resize_pos_embed`), with a log line; any other shape mismatch refuses, naming it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from clipjax import checkpoint, models
 from clipjax.errors import ClipjaxError, ConfigError
+from clipjax.models import posembed
 from clipjax.optim import path_str
 
 log = logging.getLogger("clipjax.train")
@@ -46,8 +49,11 @@ def load_initial_params(source: str, keys: str, params: Any) -> tuple[Any, list[
             return _load_relayout(workdir, step, keys, params, wanted)
         theirs = _flat(meta)
         missing = sorted(k for k in wanted if k not in theirs)
-        wrong = sorted(k for k in wanted if k in theirs
-                       and tuple(theirs[k].shape) != tuple(mine[k].shape))
+        differ = {k for k in wanted if k in theirs
+                  and tuple(theirs[k].shape) != tuple(mine[k].shape)}
+        resized = {k for k in differ if posembed.is_resizable(k)
+                   and _fits_resize(theirs[k].shape, mine[k].shape)}
+        wrong = sorted(differ - resized)
         if missing or wrong:
             detail = (f"missing {missing[:5]}" if missing else "") + (
                 f" shape differs for {wrong[:5]}" if wrong else "")
@@ -55,7 +61,7 @@ def load_initial_params(source: str, keys: str, params: Any) -> tuple[Any, list[
                                f"model's {len(wanted)} params matching {keys!r}:{detail}")
         # Restore only what we take, each leaf onto its param's sharding.
         abstract = jax.tree_util.tree_map_with_path(
-            lambda p, m: _target(path_str(p), m, mine, wanted), meta)
+            lambda p, m: _target(path_str(p), m, mine, wanted, resized), meta)
         restored = mgr.restore(step, args=ocp.args.Composite(
             params=ocp.args.PyTreeRestore(
                 item=abstract,
@@ -66,7 +72,7 @@ def load_initial_params(source: str, keys: str, params: Any) -> tuple[Any, list[
         raise ClipjaxError(f"train.init_from={source}: cannot restore params: {e}") from e
     finally:
         mgr.close()
-    got = _flat(restored)
+    got = _resized(_flat(restored), mine, source)
     taken = sorted(wanted)
     out = jax.tree_util.tree_map_with_path(
         lambda p, x: got[path_str(p)].astype(x.dtype) if path_str(p) in wanted else x, params)
@@ -80,8 +86,8 @@ def _load_relayout(workdir: str, step: int, keys: str, params: Any,
     device, convert with `stack_layers` / `unstack_layers`, then place each leaf."""
     source = checkpoint.restore_params(workdir, step)
     convert = models.stack_layers if models.is_scanned(params) else models.unstack_layers
-    theirs = _flat(convert(source))
     mine = _flat(params)
+    theirs = _resized(_flat(convert(source)), {k: mine[k] for k in wanted}, workdir)
     bad = sorted(k for k in wanted if k not in theirs or theirs[k].shape != mine[k].shape)
     if bad:
         raise ClipjaxError(f"train.init_from={workdir}: the checkpoint does not fit this model's "
@@ -92,7 +98,26 @@ def _load_relayout(workdir: str, step: int, keys: str, params: Any,
     return out, sorted(wanted)
 
 
-def _target(path: str, meta, mine: dict[str, Any], wanted: set[str]):
+def _fits_resize(theirs, mine) -> bool:
+    return len(theirs) == len(mine) == 2 and theirs[1] == mine[1]
+
+
+def _resized(got: dict[str, Any], mine: dict[str, Any], source: str) -> dict[str, Any]:
+    """Position embeddings restored at their saved length, resized to this model's and
+    placed on their param's sharding (the others pass through)."""
+    shapes = {k: tuple(x.shape) for k, x in mine.items()}
+    out, lines = posembed.resize_params(got, shapes)
+    for line in lines:  # the user's record of what changed: always on stdout
+        print(f"clipjax train: init_from {source}: resized {line}", flush=True)
+    for k in {k for k in out if out[k] is not got[k]}:
+        out[k] = jax.device_put(out[k], mine[k].sharding)
+    return out
+
+
+def _target(path: str, meta, mine: dict[str, Any], wanted: set[str], resized=frozenset()):
+    if path in resized:  # its saved length, replicated; resized after the restore
+        rep = jax.sharding.NamedSharding(mine[path].sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=rep)
     if path in wanted:
         x = mine[path]
         return jax.ShapeDtypeStruct(x.shape, meta.dtype, sharding=x.sharding)
