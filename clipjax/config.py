@@ -516,3 +516,10 @@ def model_only(config: ConfigDict) -> ConfigDict:
     out = default_config()
     out.model = ml_collections.ConfigDict(config.model.to_dict())
     return out
+
+
+def kept_patches(patches: int, dropout: float) -> int:
+    """How many of `patches` tokens an image keeps under `model.image.patch_dropout`
+    (FLIP): static, so the program compiles once; at least one. Here, below the model
+    and the input pipeline, because both need it."""
+    return max(1, int(round((1.0 - float(dropout)) * patches))) if dropout else patches

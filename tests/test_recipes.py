@@ -25,10 +25,10 @@ from images import png
 from clipjax import checkpoint, metrics, models
 from clipjax import config as config_lib
 from clipjax.cli import main
+from clipjax.config import kept_patches
 from clipjax.data.pipeline import build_train_pipeline
 from clipjax.errors import ClipjaxError, ConfigError
 from clipjax.models import posembed
-from clipjax.models.vit import kept_patches
 from clipjax.train import program as program_lib
 from clipjax.train import warmstart
 from clipjax.train.checkpointing import Checkpointer

@@ -229,7 +229,7 @@ class SyntheticBatch:
 
 def patch_keep(model_cfg: ConfigDict) -> tuple[int, int] | None:
     """(patches, kept) under `model.image.patch_dropout`; None when nothing is dropped."""
-    from clipjax.models.vit import kept_patches
+    from clipjax.config import kept_patches
 
     img = model_cfg.image
     if img.kind != "vit" or not float(img.get("patch_dropout", 0.0)):

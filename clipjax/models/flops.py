@@ -36,7 +36,7 @@ def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float,
 def vit_flops(img: ConfigDict, embed_dim: int, pooled_last: bool = False,
               training: bool = False) -> float:
     """`training`: only the patches that patch dropout keeps enter the tower."""
-    from clipjax.models.vit import kept_patches
+    from clipjax.config import kept_patches
 
     grid = img.image_size // img.patch_size
     patches = grid * grid

@@ -22,12 +22,6 @@ def check_image_shape(images, size: int) -> None:
             "(NHWC, preprocessed)")
 
 
-def kept_patches(patches: int, dropout: float) -> int:
-    """How many of `patches` tokens an image keeps under patch dropout (FLIP): static, so
-    the program compiles once; at least one."""
-    return max(1, int(round((1.0 - float(dropout)) * patches))) if dropout else patches
-
-
 def patchify(images, patch: int):
     """[N, S, S, C] -> [N, (S/p)^2, p*p*C], patches in row-major order, each (y, x, c)."""
     n, h, w, c = images.shape

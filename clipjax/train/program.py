@@ -95,7 +95,7 @@ def batch_layout(config: ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
     """name -> (per-sample shape, dtype) of what a step reads from each batch: uint8 pixels
     (the step normalises), token rows, and, when the config needs them, class labels
     (`loss.positives='label'`) and the kept patch indices (`model.image.patch_dropout`)."""
-    from clipjax.models.vit import kept_patches
+    from clipjax.config import kept_patches
 
     m = config.model
     size, length = m.image.image_size, m.text.context_length
