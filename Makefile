@@ -11,7 +11,7 @@ STAMP := $(VENV)/.clipjax-installed
 PEER := open-clip-torch==3.3.0 timm==1.0.31 torchvision==0.28.0 clip-benchmark==1.6.2 \
         pycocoevalcap==1.2
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 # System packages, where Debian's apt is usable: tcmalloc (the fast CPU allocator clipjax
 # re-executes under), Fashion-MNIST (the demo's data) and chromium (the browser that
@@ -43,6 +43,10 @@ lint: $(STAMP)
 # programs, reference runs) are built once, not once per worker.
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile -q
+
+# The inner loop: everything but the end-to-end files (tests/conftest.py SLOW_FILES).
+test-fast: lint
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

@@ -32,7 +32,6 @@ sys.path.insert(0, REPO)
 
 
 def _load_config(overrides=()):
-    import clipjax.losses  # noqa: F401  (registers the loss config checks)
     from clipjax import config as config_lib
 
     return config_lib.load(os.path.join(REPO, "configs", "bench_s.py"), list(overrides))

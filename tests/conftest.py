@@ -20,6 +20,22 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+# The end-to-end files: subprocess runs of the CLI, several processes, real peers, fresh
+# installs. `make test` runs them; `make test-fast` (-m "not slow") leaves them out.
+SLOW_FILES = {
+    "test_install_tpu.py", "test_run_storage.py", "test_train_cli.py", "test_train_signals.py",
+    "test_launch.py", "test_multislice.py", "test_curation.py", "test_clip_benchmark_parity.py",
+    "test_eval_suites.py", "test_serve.py", "test_recipes.py", "test_train.py",
+    "test_eval_parity.py", "test_import_parity.py", "test_papercuts.py", "test_compile.py",
+    "test_tensor_parallel.py",
+}
+
+
+def pytest_itemcollected(item):
+    if item.path.name in SLOW_FILES:
+        item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO
