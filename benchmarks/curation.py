@@ -25,10 +25,8 @@ import argparse
 import io
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +36,7 @@ from eval_throughput import (  # noqa: E402
     _reexec_with_fast_allocator,
     bench_s_open_clip_config,
 )
+from timing import timed  # noqa: E402
 
 
 def write_shards(root: str, pairs: int, image_px: int, shard_size: int) -> list[str]:
@@ -113,18 +112,6 @@ def run_open_clip(open_clip, model, urls, batch_size, context_length):
         return n
 
     return once
-
-
-def timed(fn, repeats: int) -> tuple[float, float, int]:
-    """(median wall s, median process CPU s, pairs) over `repeats` runs after a warm-up."""
-    fn()
-    walls, cpus, n = [], [], 0
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus), n
 
 
 def main() -> int:

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import timed  # noqa: E402
 
 from clipjax import runtime  # noqa: E402
 
@@ -114,18 +115,6 @@ def run_open_clip(open_clip, model, images, labels, classnames, templates, batch
         return correct / len(labels)
 
     return once
-
-
-def timed(fn, repeats: int) -> tuple[float, float, float]:
-    """(median wall s, median process CPU s, result) over `repeats` runs after a warm-up."""
-    fn()  # warm-up (clipjax compiles here)
-    walls, cpus, result = [], [], None
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus), result
 
 
 def main() -> int:

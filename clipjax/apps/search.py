@@ -123,6 +123,18 @@ def _save(cache: EmbeddingCache, options, index) -> None:
 # ---------------------------------------------------------------------- queries
 
 
+def recorded_model(index: ImageIndex, workdir: str | None, step: int | None
+                   ) -> tuple[str, int | None]:
+    """(workdir, step) of the model to query with: the given one, else the one the cache
+    records (it must be the model that embedded the images)."""
+    if workdir is not None:
+        return workdir, step
+    workdir = index.cache.model.get("workdir")
+    if not workdir:
+        raise ClipjaxError(f"{index.cache.directory} records no model workdir; give --workdir")
+    return workdir, index.cache.model.get("step") if step is None else step
+
+
 def check_model(model, index: ImageIndex) -> None:
     """The model must be the one that embedded the cache (same fingerprint)."""
     want = index.cache.model.get("fingerprint")

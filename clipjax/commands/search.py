@@ -46,12 +46,7 @@ def run(args) -> int:
     kind = args.index_kind if args.approximate else "exact"
     index = search.ImageIndex.open(args.index, kind, nlist=args.nlist, nprobe=args.nprobe,
                                    ef_search=args.ef_search)
-    model_path, step = args.model, args.step
-    if model_path is None:
-        model_path = index.cache.model.get("workdir")
-        step = index.cache.model.get("step") if step is None else step
-        if not model_path:
-            raise ClipjaxError(f"{args.index} records no model workdir; give --workdir")
+    model_path, step = search.recorded_model(index, args.model, args.step)
     if args.image is None and not args.query.strip():
         raise ClipjaxError("--query is empty")
     model = console.load_model(model_path, step, params=index.cache.model.get("params"))

@@ -91,19 +91,13 @@ def listen(host: str, port: int):
 def run(args) -> int:
     from clipjax import paths
     from clipjax.apps import console, search
-    from clipjax.errors import ClipjaxError
 
     check_args(args)
     sock = listen(args.host, args.port)
     kind = args.index_kind if args.approximate else "exact"
     index = search.ImageIndex.open(args.index, kind, nprobe=args.nprobe,
                                    ef_search=args.ef_search)
-    model_path, step = args.model, args.step
-    if model_path is None:
-        model_path = index.cache.model.get("workdir")
-        step = index.cache.model.get("step") if step is None else step
-        if not model_path:
-            raise ClipjaxError(f"{args.index} records no model workdir; give --model")
+    model_path, step = search.recorded_model(index, args.model, args.step)
     model = console.load_model(model_path, step, args.max_batch)
     search.check_model(model, index)
 
