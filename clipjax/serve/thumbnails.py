@@ -15,13 +15,10 @@ import hashlib
 import io
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from PIL import ImageOps
-
-from clipjax.data import decode
+from clipjax import imageio
 
 
 class Thumbnails:
@@ -78,12 +75,10 @@ class Thumbnails:
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                image = decode.open_image(raw, self.max_pixels)
-                image.draft("RGB", (self.size, self.size))  # JPEG: decode at a reduced scale
-                image = ImageOps.exif_transpose(image).convert("RGB")
-                image.thumbnail((self.size, self.size))
+            # JPEG decodes at a reduced scale; upright by EXIF, RGB.
+            image = imageio.load(imageio.open_bytes(raw, max_pixels=self.max_pixels),
+                                 exif_transpose=True, draft_size=(self.size, self.size))
+            image.thumbnail((self.size, self.size))
             out = io.BytesIO()
             image.save(out, "JPEG", quality=85)
         except Exception:  # noqa: BLE001 - PIL raises assorted types on damaged files
