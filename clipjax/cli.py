@@ -84,7 +84,7 @@ def _constant(mod: str, name: str) -> str:
         with open(spec.origin, encoding="utf-8") as f:
             for line in f:
                 if line.startswith(f"{name} = "):
-                    return line.split("=", 1)[1].split("#")[0].strip().strip("\"'")
+                    return line.split("=", 1)[1].split("  #")[0].strip().strip("\"'")
     except OSError:
         pass
     return ""
