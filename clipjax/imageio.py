@@ -17,10 +17,10 @@ from PIL import Image, ImageOps
 
 from clipjax import paths
 
-# One list of what an image file is called, for every folder walk.
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
-})
+# One list of what an image file is called, for every folder walk and every tar sample
+# (in the order a sample holding two images is read).
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+IMAGE_EXTENSIONS = frozenset("." + e for e in IMAGE_SUFFIXES)
 # PIL's own default (≈ 89.5 megapixels): larger headers are decompression bombs.
 MAX_PIXELS = 89_478_485
 

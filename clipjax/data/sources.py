@@ -32,6 +32,7 @@ from ml_collections import ConfigDict
 from clipjax import paths
 from clipjax.data import captions as captions_lib
 from clipjax.data import folder as folder_lib
+from clipjax.data import tfds_reader
 from clipjax.data import webdataset as wds
 from clipjax.errors import ClipjaxError, ConfigError
 
@@ -151,10 +152,8 @@ class TfdsSource(Source):
                  image_key: str = "image", caption_key: str = "caption",
                  label_key: str = "label", templates=(), **kw):
         super().__init__(**kw)
-        # data_dir goes to tfds as a string: gs:// as given (tfds reads it through its own
-        # epath/gfile layer), a local one made absolute (workers may start elsewhere).
-        data_dir = paths.canonical(data_dir) if data_dir else None
-        self.spec = dict(name=name, split=split, data_dir=data_dir, image_key=image_key)
+        self.spec = dict(name=name, split=split, image_key=image_key,
+                         data_dir=paths.canonical(data_dir) if data_dir else "")
         self.caption_key, self.label_key = caption_key, label_key
         ds = self._source()
         self.__dict__["_ds"] = ds
@@ -163,13 +162,12 @@ class TfdsSource(Source):
         self.use_labels = not (caption_key and top in features)
         self.classnames: list[str] = []
         if self.use_labels:
-            feat = features[label_key] if label_key in features else None
-            names = getattr(feat, "names", None)
+            names = tfds_reader.class_names(ds, label_key)
             if not names:
                 raise ClipjaxError(
                     f"tfds {name}: no caption feature {caption_key!r} and no class-label "
                     f"feature {label_key!r} (features: {', '.join(features.keys())})")
-            self.classnames = [captions_lib.clean_classname(n) for n in names]
+            self.classnames = names
             self.templates = captions_lib.check_templates(templates)
         if image_key not in features:
             raise ClipjaxError(f"tfds {name}: no image feature {image_key!r}")
@@ -180,18 +178,8 @@ class TfdsSource(Source):
         return self._source()
 
     def _source(self):
-        import tensorflow_datasets as tfds
-
         s = self.spec
-        try:
-            return tfds.data_source(
-                s["name"], split=s["split"], data_dir=s["data_dir"], download=False,
-                decoders={s["image_key"]: tfds.decode.SkipDecoding()})
-        except Exception as e:  # tfds raises many types for a missing dataset
-            where = s["data_dir"] or "the default TFDS data_dir"
-            raise ClipjaxError(
-                f"tfds dataset {s['name']!r} split {s['split']!r} not readable from {where}: "
-                f"{e}") from None
+        return tfds_reader.open_source(s["name"], s["split"], s["data_dir"], s["image_key"])
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -205,9 +193,7 @@ class TfdsSource(Source):
             ex = self._ds[j]
         except Exception:  # noqa: BLE001 - a corrupt record is a skipped sample
             return self._record(key, None, None, "read_error")
-        image = ex.get(self.spec["image_key"])
-        if isinstance(image, np.ndarray) and image.dtype == object:
-            image = image.item()
+        image = tfds_reader.encoded_image(ex, self.spec["image_key"])
         label = None
         if self.use_labels:
             label = _nested(ex, self.label_key)

@@ -20,7 +20,8 @@ may be local, relative or remote (`gs://`, any fsspec protocol). On a bucket:
   each other in the tar), never a readahead block.
 
 Reusable pieces: `expand_urls` (brace patterns, '::' lists), `index_shard`,
-`TarShards` (random access over many shards), `iter_shard` (sequential reading).
+`TarShards` (random access over many shards), `stream_shard` / `iter_shard` (one
+sequential read of a whole shard).
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from clipjax import paths, ranged_io
+from clipjax import imageio, paths, ranged_io
 from clipjax.errors import ClipjaxError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = imageio.IMAGE_SUFFIXES
 TEXT_EXT = "txt"
 JSON_EXT = "json"
 CLS_EXT = "cls"  # webdataset's class-id member: the integer as text
@@ -433,42 +434,59 @@ class TarShards:
             self._open.clear()
 
 
-def iter_shard(url: str) -> Iterator[dict]:
-    """Every sample of one shard in file order, as raw records (for checks and converters).
-
-    An unreadable shard yields one record with error 'unreadable_shard'.
+def stream_shard(url: str, wanted: Sequence[str] | None = _WANTED
+                 ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """(key, {ext: bytes}, error) of every sample of one shard in file order, from ONE
+    front-to-back read (one stream from a bucket, no index): for readers that take a
+    shard whole — evaluation, converters, curation. `wanted` keeps those members (None:
+    every member). An unreadable shard yields one ('', {}, 'unreadable_shard'); a member
+    cut short by the end of the file gives its sample 'truncated_member' and ends the shard.
     """
-    shards = TarShards([url], [0])
-    r = shards._reader(0)
-    if isinstance(r, Exception):
-        yield record_from_members(f"{url}:", {}, error="unreadable_shard")
-        return
     try:
-        for i in range(len(r.samples)):
-            yield shards.read(0, i)
-    finally:
-        shards.close()
-
-
-def iter_shard_members(url: str) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """(key, {ext: bytes}, error) of every sample of one shard in file order: the members
-    themselves, for tools that copy samples. An unreadable shard yields one
-    ('', {}, 'unreadable_shard'); a truncated member gives error 'truncated_member'."""
-    shards = TarShards([url], [0])
-    r = shards._reader(0)
-    if isinstance(r, Exception):
+        f = ranged_io.open_sequential(url)
+        tar = tarfile.open(fileobj=f, mode="r|*")
+    except Exception:  # noqa: BLE001 - missing, unreadable, not a tar: one error record
         yield "", {}, "unreadable_shard"
         return
+    key, members = None, {}
     try:
-        for s in r.samples:
+        while True:
             try:
-                members, truncated = r.read_members(s)
-            except Exception:  # noqa: BLE001 - I/O trouble: this sample is skipped
-                yield s.key, {}, "read_error"
+                m = tar.next()
+            except (tarfile.TarError, EOFError, OSError):
+                break  # the tar ends early: what came before stands
+            if m is None:
+                break
+            if not m.isfile():
                 continue
-            yield s.key, members, "truncated_member" if truncated else None
+            k, ext = _split_name(m.name)
+            if k != key and key is not None:
+                yield key, members, None
+                members = {}
+            key = k
+            if wanted is not None and ext not in wanted:
+                continue
+            try:
+                members[ext] = tar.extractfile(m).read()
+            except (tarfile.TarError, EOFError, OSError):
+                yield key, members, "truncated_member"
+                key = None
+                break
+        if key is not None:
+            yield key, members, None
     finally:
-        shards.close()
+        tar.close()
+        f.close()
+
+
+def iter_shard(url: str) -> Iterator[dict]:
+    """Every sample of one shard in file order, as raw records (keys `URL:KEY`)."""
+    url = paths.canonical(url)
+    for key, members, error in stream_shard(url):
+        yield record_from_members(f"{url}:{key}", members, error=error)
+
+
+iter_shard_members = stream_shard  # the members themselves, for tools that copy samples
 
 
 def iter_urls(urls: Sequence[str]) -> Iterator[dict]:

@@ -74,7 +74,7 @@ def group_ids(root: str, split: str = "test", column: int = 0) -> np.ndarray | N
 
     shards = paths.glob(paths.join(root, split, "*.tar"))
     out = []
-    for sample in datasets._tar_samples(shards):
+    for sample in datasets.tar_samples(shards, wanted=("npy",)):
         if "npy" not in sample:
             return None
         meta = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)

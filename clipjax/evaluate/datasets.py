@@ -13,8 +13,6 @@ absolute or a URI (`gs://...`); tar shards are streamed, not downloaded whole.
 from __future__ import annotations
 
 import os
-import posixpath
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from clipjax import imageio, paths
-from clipjax.data import idx
+from clipjax.data import idx, tfds_reader
+from clipjax.data import webdataset as wds
 from clipjax.errors import ClipjaxError
 
 
@@ -123,49 +122,29 @@ def _read_lines(path: str) -> list[str] | None:
     return [line.strip() for line in paths.read_text(path).splitlines() if line.strip()]
 
 
-def _tar_samples(shards: list[str]) -> Iterator[dict[str, bytes]]:
-    """Groups consecutive tar members by key (the name up to the first dot); each shard
-    is read as one stream (one sequential read on an object store)."""
+def tar_samples(shards: list[str], wanted=None):
+    """{ext: bytes} of every sample of the shards in order, one sequential read per shard;
+    an unreadable shard or a cut-short sample is an error (an evaluation set must be whole)."""
     for path in shards:
-        sample, key = {}, None
-        with paths.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = posixpath.basename(member.name)
-                k, _, ext = base.partition(".")
-                k = posixpath.join(posixpath.dirname(member.name), k)
-                if k != key and sample:
-                    yield sample
-                    sample = {}
-                key = k
-                sample[ext.lower()] = tar.extractfile(member).read()
-            if sample:
-                yield sample
+        for key, members, error in wds.stream_shard(path, wanted):
+            if error:
+                raise ClipjaxError(f"{path}: {error.replace('_', ' ')}"
+                                   + (f" (sample {key!r})" if key else ""))
+            yield members
 
 
 def _image_of(sample: dict[str, bytes]) -> bytes | None:
-    for ext in ("webp", "jpg", "jpeg", "png", "bmp", "ppm", "tif", "tiff", "gif"):
-        if ext in sample:
-            return sample[ext]
-    return None
+    return next((sample[e] for e in imageio.IMAGE_SUFFIXES if e in sample), None)
 
 
 def _count_samples(shards: list[str]) -> int:
-    return sum(1 for s in _tar_samples_index(shards))
-
-
-def _tar_samples_index(shards: list[str]) -> Iterator[str]:
-    for path in shards:
-        with paths.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            keys = []
-            for member in tar:
-                if member.isfile():
-                    k = posixpath.join(posixpath.dirname(member.name),
-                                       posixpath.basename(member.name).partition(".")[0])
-                    if not keys or keys[-1] != k:
-                        keys.append(k)
-            yield from keys
+    """From `sizes.json` when the shards have one, else from the tar headers (locally a
+    seek from header to header, not a read of the images)."""
+    sizes, skipped = wds.shard_sizes(shards)
+    if skipped:
+        raise ClipjaxError(f"{shards[0].rsplit('/', 1)[0]}: {sum(skipped.values())} "
+                           "unreadable shard(s)")
+    return sum(sizes)
 
 
 def wds_source(root: str, split: str = "test", name: str = "wds") -> Source:
@@ -181,14 +160,14 @@ def wds_source(root: str, split: str = "test", name: str = "wds") -> Source:
         from clipjax.evaluate.prompts import normalize_templates
 
         templates = normalize_templates(templates)
-    first = next(_tar_samples(shards[:1]), {})
+    first = next(tar_samples(shards[:1]), {})
     kind = "classification" if "cls" in first else "retrieval"
     if kind == "retrieval" and "txt" not in first:
         raise ClipjaxError(f"{shards[0]}: samples have neither .cls labels nor .txt captions")
     length = _count_samples(shards)
 
     def examples():
-        for sample in _tar_samples(shards):
+        for sample in tar_samples(shards):
             image = _image_of(sample)
             if image is None:
                 raise ClipjaxError(f"{root}/{split}: a sample without an image: {sorted(sample)}")
@@ -207,26 +186,14 @@ def wds_source(root: str, split: str = "test", name: str = "wds") -> Source:
 def tfds_source(dataset: str, split: str = "test", data_dir: str = "",
                 name: str = "tfds", image_key: str = "image",
                 label_key: str = "label") -> Source:
-    """A TFDS dataset through `tfds.data_source` (array_record; no TensorFlow needed)."""
-    import tensorflow_datasets as tfds
-
-    try:
-        ds = tfds.data_source(dataset, split=split, data_dir=data_dir or None, download=False)
-    except Exception as e:  # tfds raises many types for "not prepared here"
-        where = data_dir or "the default TFDS data_dir"
-        raise ClipjaxError(
-            f"TFDS {dataset!r} split {split!r} is not available in {where}: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    classnames = None
-    try:
-        feature = ds.dataset_info.features[label_key]
-        classnames = [n.replace("_", " ") for n in feature.names]
-    except Exception:  # no ClassLabel feature: the task must supply class names
-        classnames = None
+    """A prepared TFDS dataset (`clipjax.data.tfds_reader`, as training reads it): images
+    stay encoded until the evaluator's workers decode them, so a bad one is counted."""
+    ds = tfds_reader.open_source(dataset, split, data_dir, image_key)
+    classnames = tfds_reader.class_names(ds, label_key)
 
     def examples():
         for i in range(len(ds)):
             ex = ds[i]
-            yield np.asarray(ex[image_key]), int(ex[label_key])
+            yield tfds_reader.encoded_image(ex, image_key), int(ex[label_key])
 
     return Source(name, len(ds), examples, classnames=classnames)
