@@ -14,12 +14,12 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from ml_collections import ConfigDict
 
+from clipjax import threaded
 from clipjax.errors import ClipjaxError
 
 DEFAULT_BATCH_SIZE = 64
@@ -202,12 +202,9 @@ class ClipModel:
     # ------------------------------------------------------------------ internals
 
     def _preprocess_list(self, items: list) -> np.ndarray:
-        if len(items) > 1 and self.workers > 1:
-            with ThreadPoolExecutor(self.workers) as pool:  # PIL releases the GIL
-                pixels = list(pool.map(self.preprocess.pixels, items))
-        else:
-            pixels = [self.preprocess.pixels(x) for x in items]
         from clipjax.data.preprocess import normalize
+
+        pixels = threaded.map_ordered(self.preprocess.pixels, items, self.workers)
 
         return normalize(np.stack(pixels), self.preprocess.mean, self.preprocess.std)
 

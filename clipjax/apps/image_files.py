@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import glob
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-from clipjax import imageio
+from clipjax import imageio, threaded
 from clipjax import paths as paths_lib
 from clipjax.errors import ClipjaxError
 from clipjax.imageio import UnreadableImage, is_image_file
@@ -105,26 +104,18 @@ def iter_batches(paths: Sequence[str], transform: Callable[[Image.Image], np.nda
 
     def load(path):
         try:
-            return load_pixels(path, transform)
+            return path, load_pixels(path, transform)
         except UnreadableImage as e:
-            return e
+            return path, e
 
-    starts = range(0, len(paths), batch_size)
     with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for start in starts:
-            chunk = list(paths[start:start + batch_size])
-            pending.append((chunk, [pool.submit(load, p) for p in chunk]))
-            if len(pending) > prefetch:
-                yield _collect(*pending.popleft())
-        while pending:
-            yield _collect(*pending.popleft())
+        for results, _ in threaded.map_batches(load, paths, batch_size, pool, ahead=prefetch):
+            yield _collect(results)
 
 
-def _collect(chunk, futures):
+def _collect(results):
     ok, arrays, bad = [], [], []
-    for path, fut in zip(chunk, futures):
-        result = fut.result()
+    for path, result in results:
         if isinstance(result, UnreadableImage):
             bad.append(result)
         else:

@@ -16,10 +16,9 @@ Hessel et al.), and with `embeddings=True` image_embedding / text_embedding
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from clipjax import paths
+from clipjax import paths, threaded
 from clipjax.apps.clipscore import W as CLIPSCORE_W
 from clipjax.curation import samples as samples_lib
 from clipjax.curation import tables
@@ -97,18 +96,10 @@ def _chunks(model, urls: Sequence[str], pool: ThreadPoolExecutor, max_pixels: in
     size = model.image_size
     for s, url in enumerate(urls):
         skipped: dict[str, int] = {}
-        records = samples_lib.iter_records(url)
-        done = False
-        while not done:
-            batch = []
-            for rec in records:
-                batch.append(rec)
-                if len(batch) == chunk:
-                    break
-            else:
-                done = True
+        batches = threaded.map_batches(prepare, samples_lib.iter_records(url), chunk, pool)
+        for outs, done in itertools.chain(batches, [([], True)]):
             good = []
-            for out in pool.map(prepare, batch):
+            for out in outs:
                 if isinstance(out, decode.BadSample):
                     samples_lib.count(skipped, out.reason)
                 else:
@@ -123,29 +114,8 @@ def _chunks(model, urls: Sequence[str], pool: ThreadPoolExecutor, max_pixels: in
                       else np.zeros((0, model.context_length), np.int32))
             yield _Chunk(s, keys, caps, pixels, tokens, last=done,
                          skipped=skipped if done else {})
-
-
-def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Runs an iterator in a background thread, `depth` items ahead."""
-    q: queue.Queue = queue.Queue(depth)
-    end = object()
-
-    def work():
-        try:
-            for item in it:
-                q.put(item)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-        q.put(end)
-
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        item = q.get()
-        if item is end:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+            if done:
+                break
 
 
 @functools.lru_cache(maxsize=8)
@@ -215,7 +185,7 @@ def score_shards(model, urls: Sequence[str], out_dir: str, *, batch_size: int = 
     parts: list[tuple] = []
     workers = workers or min(8, max(2, (os.cpu_count() or 2)))
     with ThreadPoolExecutor(workers) as pool:
-        for c in _prefetch(_chunks(model, todo, pool, max_pixels, batch_size)):
+        for c in threaded.prefetch(_chunks(model, todo, pool, max_pixels, batch_size)):
             if len(c.keys):
                 parts.append((c.keys, c.captions, *score_pairs(model, c.pixels, c.tokens,
                                                               batch_size)))

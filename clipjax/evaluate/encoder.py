@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 from clipjax import checkpoint as checkpoint_lib
-from clipjax import imageio, models, sharding
+from clipjax import imageio, models, sharding, threaded
 from clipjax.data import preprocess
 from clipjax.inference import ClipModel
 
@@ -91,26 +91,12 @@ class Encoder:
 
     def _prepared(self, examples, pool) -> Iterator[tuple[np.ndarray, list]]:
         """uint8 pixel batches; the next batch's decode/resize is queued before one is used."""
-        it = iter(examples)
+        def prepare(example):
+            return self._pixels(example[0]), example[1]
 
-        def submit():
-            chunk = []
-            for image, target in it:
-                chunk.append((image, target))
-                if len(chunk) == self.batch_size:
-                    break
-            if not chunk:
-                return None
-            futures = [pool.submit(self._pixels, im) for im, _ in chunk]
-            return futures, [t for _, t in chunk]
-
-        nxt = submit()
-        while nxt is not None:
-            futures, targets = nxt
-            done = [(f.result(), t) for f, t in zip(futures, targets, strict=True)]
+        for done, _ in threaded.map_batches(prepare, examples, self.batch_size, pool):
             self.skipped.extend(p for p, _ in done if isinstance(p, imageio.UnreadableImage))
             kept = [(p, t) for p, t in done if not isinstance(p, imageio.UnreadableImage)]
-            nxt = submit()
             if kept:
                 yield np.stack([p for p, _ in kept]), [t for _, t in kept]
 
