@@ -320,7 +320,7 @@ def test_last_block_of_pooled_tokens_equals_the_full_stack(causal):
     g_pooled = jax.grad(lambda p, x: jnp.sum(pooled(p, x) ** 2), argnums=(0, 1))(params, x)
     g_full = jax.grad(lambda p, x: jnp.sum(full(p, x) ** 2), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(g_pooled), jax.tree.leaves(g_full)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), np.abs(a - b).max()
 
 
 def test_kernels_auto_resolves_for_the_compile_target():
