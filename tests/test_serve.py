@@ -432,7 +432,7 @@ def test_the_page_in_chromium(server, model):
             browser.close()
 
 
-def test_short_queries_run_on_fewer_positions_with_the_same_embedding():
+def test_short_queries_run_on_fewer_positions_with_the_same_embedding(monkeypatch):
     from apps_data import tiny_model
 
     from clipjax.serve.service import SearchService
@@ -447,3 +447,8 @@ def test_short_queries_run_on_fewer_positions_with_the_same_embedding():
                                    atol=1e-5)
     ids = np.asarray(model.tokenize(texts[:1]))
     assert int(ids.argmax()) + 1 <= 4  # "cat" fits the shortest length
+    shapes = []  # one long text does not put the short ones on the long length
+    real = model.encode_texts
+    monkeypatch.setattr(model, "encode_texts", lambda ids: shapes.append(ids.shape) or real(ids))
+    service.encode_texts(texts)
+    assert sorted(shapes) == [(1, 4), (1, 8), (1, 16)]
