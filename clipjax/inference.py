@@ -208,7 +208,7 @@ class ClipModel:
 
         return normalize(np.stack(pixels), self.preprocess.mean, self.preprocess.std)
 
-    def _batch_for(self, n: int, batch_size: int | None) -> int:
+    def batch_for(self, n: int, batch_size: int | None = None) -> int:
         """min(batch_size, next power of two >= n), rounded up to a multiple of the devices."""
         limit = int(batch_size or self.batch_size)
         if limit < 1:
@@ -225,7 +225,7 @@ class ClipModel:
         n = len(inputs)
         if n == 0:
             return np.zeros((0, self.embed_dim), np.float32)
-        b = self._batch_for(n, batch_size)
+        b = self.batch_for(n, batch_size)
         out = np.empty((n, self.embed_dim), np.float32)
         pending = None
         for start in range(0, n, b):

@@ -216,3 +216,20 @@ def test_vector_index_kinds_on_clustered_vectors():
     np.testing.assert_array_equal(vector_index.search(full, q, 10)[1], truth)
     # k above the index size is capped.
     assert vector_index.search(vector_index.build(x[:3]), q[:2], 10)[1].shape == (2, 3)
+
+
+def test_exact_search_kernels_agree_and_leave_faiss_settings_alone():
+    """One query scans, a batch runs as one BLAS product: both are the exact top-k, and
+    the process-wide faiss knobs they set for the call are put back."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    q = rng.standard_normal((vector_index.BLAS_FROM + 3, 32)).astype(np.float32)
+    truth = np.argsort(-(q @ x.T), axis=1)[:, :5]
+    index = vector_index.build(x)
+    before = faiss.cvar.distance_compute_blas_threshold, faiss.omp_get_max_threads()
+    for queries in (q[:1], q):  # below and above BLAS_FROM
+        _, ids = vector_index.search(index, queries, 5)
+        np.testing.assert_array_equal(ids, truth[:len(queries)])
+    assert (faiss.cvar.distance_compute_blas_threshold, faiss.omp_get_max_threads()) == before

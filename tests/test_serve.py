@@ -432,13 +432,15 @@ def test_the_page_in_chromium(server, model):
             browser.close()
 
 
-def test_short_queries_run_on_fewer_positions_with_the_same_embedding():
+def test_short_queries_run_on_fewer_positions_with_the_same_embedding(monkeypatch):
+    import jax
     from apps_data import tiny_model
 
+    from clipjax.inference import ClipModel
     from clipjax.serve.service import SearchService
 
-    model = tiny_model(seed=1)
-
+    base = tiny_model(seed=1)  # on one device, as a CPU server runs: no padding rows
+    model = ClipModel.from_params(base.config, base.params, devices=jax.local_devices()[:1])
     service = SearchService(model, None, text_lengths=(4, 8))
     assert service.text_lengths == [4, 8, 16]
     texts = ["cat", "a photo of a cat", "a b c d e f g h i j k l m n o p q r s t u v"]
@@ -447,3 +449,12 @@ def test_short_queries_run_on_fewer_positions_with_the_same_embedding():
                                    atol=1e-5)
     ids = np.asarray(model.tokenize(texts[:1]))
     assert int(ids.argmax()) + 1 <= 4  # "cat" fits the shortest length
+    shapes = []  # one long text does not put the short ones on the long length
+    real = model.encode_texts
+    monkeypatch.setattr(model, "encode_texts", lambda ids: shapes.append(ids.shape) or real(ids))
+    service.encode_texts(texts)
+    assert sorted(shapes) == [(1, 4), (1, 8), (1, 16)]
+    shapes.clear()  # three texts pad to a batch of 4: "cat" fills the padding row
+    group = ["a photo of a cat", "a photo of a dog", "a photo of a cow", "cat"]
+    np.testing.assert_allclose(service.encode_texts(group), real(group), atol=1e-5)
+    assert shapes == [(4, 8)]

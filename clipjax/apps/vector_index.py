@@ -132,16 +132,38 @@ def search(index: faiss.Index, queries, k: int) -> tuple[np.ndarray, np.ndarray]
     k = min(k, index.ntotal)
     if k == 0:
         return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-    with _threads(1 if len(q) < SMALL_BATCH else 0):
+    with _threads(1 if len(q) < SMALL_BATCH else 0), _kernel(len(q)):
         scores, ids = index.search(q, k)
     scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
     return scores, ids.astype(np.int64)
 
 
-# Below faiss's BLAS threshold (20 queries) a search scans per query, and OpenMP
-# threads only add wake-up cost: one thread answers a single query 4x faster
-# (measured: 1M x 512 exact, 2 cores).
+# Below 20 queries OpenMP threads only add wake-up cost: one thread answers a
+# single query 4x faster (measured: 1M x 512 exact, 2 cores).
 SMALL_BATCH = 20
+# A flat search scans the vectors once per query (memory-bound: 11 ms for one
+# query over 100k x 512) or, as one BLAS product, once per batch with a fixed
+# cost of ~40 ms; the product wins from 4 queries on (measured, 1 thread:
+# 1 query 11 vs 40 ms, 2: 22 vs 42, 4: 39 vs 38, 8: 80 vs 46, 32: 327 vs 77).
+BLAS_FROM = 4
+
+
+@contextlib.contextmanager
+def _kernel(n: int):
+    """Scan per query below BLAS_FROM queries, one BLAS product from there on.
+
+    Set per call through faiss's `distance_compute_blas_threshold` at either
+    extreme, because its meaning changed: older faiss counts queries (BLAS when
+    n >= threshold, default 20), newer (1.15) queries x d (BLAS when n * d >=
+    threshold, default 128,000), where a threshold meant in queries sends even a
+    single query to BLAS.
+    """
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 0 if n >= BLAS_FROM else 2**31 - 1
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
 
 
 @contextlib.contextmanager

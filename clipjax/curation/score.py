@@ -150,7 +150,7 @@ def score_pairs(model, pixels: np.ndarray, tokens: np.ndarray, batch_size: int
 
     n = len(pixels)
     fn, sharding = _pair_fn(model._model_key, model._mesh)
-    b = model._batch_for(n, batch_size)  # fixed shapes: pad the last batch
+    b = model.batch_for(n, batch_size)  # fixed shapes: pad the last batch
     results = []
     for start in range(0, n, b):
         x = model.preprocess.batch(pixels[start:start + b])

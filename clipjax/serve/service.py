@@ -20,7 +20,7 @@ from clipjax.serve.queries import BadRequest, Query
 
 class SearchService:
     def __init__(self, model, index: ImageIndex, *, max_batch: int = 32,
-                 max_pixels: int = 89_478_485, text_lengths: Sequence[int] = (16, 32)):
+                 max_pixels: int = 89_478_485, text_lengths: Sequence[int] = (8, 16, 32)):
         self.model = model
         self.index = index
         self.max_pixels = max_pixels
@@ -36,14 +36,12 @@ class SearchService:
 
     @staticmethod
     def tune_search(threads: int) -> None:
-        """faiss settings for a server: `threads` OpenMP threads (few: concurrent queries
-        are batched, and oversubscribed OpenMP threads spin), and BLAS for any batch of 2
-        or more queries (one pass over the index for the whole batch; faiss's default
-        scans it once per query below 20)."""
+        """`threads` faiss OpenMP threads: few, because concurrent queries are batched and
+        oversubscribed OpenMP threads spin. (vector_index.search picks the kernel per
+        call: a scan per query for one to three queries, one BLAS product for more.)"""
         import faiss
 
         faiss.omp_set_num_threads(max(1, int(threads)))
-        faiss.cvar.distance_compute_blas_threshold = 2
 
     def warm_up(self) -> None:
         """Compiles the text encoder for each batch size the batcher can form, and the
@@ -93,16 +91,28 @@ class SearchService:
         return [row[:k] for row, (_, k) in zip(rows, items)]
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """`model.encode_texts(texts)`, on the shortest of `text_lengths` positions that
-        holds every text's pooled token (a short query costs a fraction of the full
-        context; the embedding is the same)."""
+        """`model.encode_texts(texts)`, each text on the shortest of `text_lengths`
+        positions that holds its pooled token: a short query costs a fraction of the
+        full context, with the same embedding. On a CPU a call costs batch x positions,
+        so one long text must not put a whole batch on its length: texts run as one call
+        per length, longest first, and shorter texts fill the padding rows of a longer
+        call (free) instead of making a call of their own."""
         ids = np.asarray(self.model.tokenize(list(texts)))
-        length = ids.shape[1]
-        if len(self.text_lengths) > 1:
-            pool = self.model.model_config.text.pool
-            need = int(ids.argmax(axis=1).max()) + 1 if pool == "argmax" else 1
-            length = next(n for n in self.text_lengths if n >= need)
-        return self.model.encode_texts(ids[:, :length])
+        if len(self.text_lengths) == 1:
+            return self.model.encode_texts(ids)
+        pool = self.model.model_config.text.pool
+        need = ids.argmax(axis=1) + 1 if pool == "argmax" else np.ones(len(ids), int)
+        bucket = np.searchsorted(self.text_lengths, need)
+        order = np.argsort(-bucket, kind="stable")
+        out = np.empty((len(ids), self.model.embed_dim), np.float32)
+        i = 0
+        while i < len(order):
+            b = bucket[order[i]]
+            n = int(np.count_nonzero(bucket[order[i:]] == b))  # some may be fillers already
+            rows = order[i:i + n + (-n) % self.model.batch_for(n)]
+            out[rows] = self.model.encode_texts(ids[rows, :self.text_lengths[b]])
+            i += len(rows)
+        return out
 
     def _image_search(self, raw: bytes, k: int) -> list[tuple[int, Hit]]:
         try:  # the one image reader, with the pipeline's bomb guard
