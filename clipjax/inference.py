@@ -205,7 +205,6 @@ class ClipModel:
         from clipjax.data.preprocess import normalize
 
         pixels = threaded.map_ordered(self.preprocess.pixels, items, self.workers)
-
         return normalize(np.stack(pixels), self.preprocess.mean, self.preprocess.std)
 
     def batch_for(self, n: int, batch_size: int | None = None) -> int:

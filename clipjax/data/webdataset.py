@@ -442,10 +442,13 @@ def stream_shard(url: str, wanted: Sequence[str] | None = _WANTED
     every member). An unreadable shard yields one ('', {}, 'unreadable_shard'); a member
     cut short by the end of the file gives its sample 'truncated_member' and ends the shard.
     """
+    f = None
     try:
         f = ranged_io.open_sequential(url)
         tar = tarfile.open(fileobj=f, mode="r|*")
     except Exception:  # noqa: BLE001 - missing, unreadable, not a tar: one error record
+        if f is not None:
+            f.close()
         yield "", {}, "unreadable_shard"
         return
     key, members = None, {}
