@@ -233,3 +233,26 @@ def test_exact_search_kernels_agree_and_leave_faiss_settings_alone():
         _, ids = vector_index.search(index, queries, 5)
         np.testing.assert_array_equal(ids, truth[:len(queries)])
     assert (faiss.cvar.distance_compute_blas_threshold, faiss.omp_get_max_threads()) == before
+
+
+def test_float16_scan_shards_give_the_flat_top_k():
+    """With scan_threads, one to three queries scan a float16 copy in shards and rescore
+    its candidates in float32: the same ids as the flat index, float32 scores; a batch
+    of BLAS_FROM or more still goes to the flat index. Clustered rows make near-ties."""
+    rng = np.random.default_rng(1)
+    n = vector_index.SCAN_MIN_ROWS + 1001  # uneven shards
+    centers = rng.standard_normal((20, 48))
+    x = centers[rng.integers(0, 20, n)] + 0.05 * rng.standard_normal((n, 48))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    q = x[:vector_index.BLAS_FROM] + 0.01 * rng.standard_normal((vector_index.BLAS_FROM, 48))
+    q = q.astype(np.float32)
+    flat = vector_index.build(x)
+    fast = vector_index.build(x, scan_threads=3)
+    assert fast.half_scan is not None and fast.half_scan.ntotal == n
+    assert not hasattr(vector_index.build(x[:100], scan_threads=3), "half_scan")
+    for m in (1, 3, vector_index.BLAS_FROM):
+        s_flat, i_flat = vector_index.search(flat, q[:m], 10)
+        s_fast, i_fast = vector_index.search(fast, q[:m], 10)
+        np.testing.assert_array_equal(i_fast, i_flat)
+        np.testing.assert_allclose(s_fast, s_flat, atol=1e-6)
+    assert vector_index.search(fast, q[:1], n + 5)[1].shape == (1, n)  # k capped

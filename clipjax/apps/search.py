@@ -56,7 +56,9 @@ class ImageIndex:
                    **knobs) -> ImageIndex:
         options = vector_index.IndexOptions(kind=kind, **knobs)
         if kind == "exact" or not len(cache):
-            return cls(cache, vector_index.build(cache.vectors(), options), options)
+            threads = min(8, os.cpu_count() or 1)  # the float16 scan for single queries
+            return cls(cache, vector_index.build(cache.vectors(), options,
+                                                 scan_threads=threads), options)
         index = _load_saved(cache, options)
         if index is None:
             index = vector_index.build(cache.vectors(), options)
