@@ -36,8 +36,30 @@ SLOW_FILES = {
 }
 
 
+# And the tests of the other files that take 10 s or more each (compiled gradients of whole
+# towers, GCS round trips): `make test` runs them, `make test-fast` leaves them out.
+SLOW_TESTS = {
+    "test_gcs_apps.py": {"*"},
+    "test_gcs_data.py": {"*"},
+    "test_models.py": {
+        "test_last_block_of_pooled_tokens_equals_the_full_stack",
+        "test_resnet_remat_gradients_and_frozen_batch_norm_statistics",
+        "test_kernel_paths_give_equal_outputs_and_gradients",
+        "test_scanned_stack_with_pooled_last_block_equals_the_full_scan",
+        "test_remat_policy_saves_the_same_dots_on_both_kernel_paths",
+        "test_flops_agree_with_xla_cost_analysis", "test_bfloat16_compute_and_per_tower_dtype",
+        "test_sharded_apply_on_mesh_matches", "test_scan_and_remat_match_unrolled",
+        "test_logit_bias_and_init_values"},
+    "test_inference.py": {"test_encode_images_batches_pad_and_shard",
+                          "test_encode_texts_strings_and_ids"},
+    "test_eval_math.py": {"test_linear_probe_solves_the_regularised_problem"},
+    "test_optim.py": {"test_each_optimizer_descends_and_decays_only_masked"},
+}
+
+
 def pytest_itemcollected(item):
-    if item.path.name in SLOW_FILES:
+    slow = SLOW_TESTS.get(item.path.name, ())
+    if item.path.name in SLOW_FILES or "*" in slow or item.originalname in slow:
         item.add_marker(pytest.mark.slow)
 
 

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import train_cli
 from PIL import Image
 
 TEXT = "a photo of a cat"
@@ -66,7 +67,10 @@ def test_fresh_tpu_extra_install_tokenizes_and_trains(repo_root, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py, clipjax = str(venv / "bin" / "python"), str(venv / "bin" / "clipjax")
     t0 = time.monotonic()
-    r = subprocess.run([py, "-m", "pip", "install", "-q", ".[tpu]"], cwd=src, env=_clean_env(),
+    # --no-compile: no .pyc for jax and libtpu's thousands of modules (what the test does
+    # not check; Python writes them on first import instead).
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-compile", ".[tpu]"], cwd=src,
+                       env=_clean_env(),
                        capture_output=True, text=True, timeout=900)
     install_s = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -97,7 +101,7 @@ def test_fresh_tpu_extra_install_tokenizes_and_trains(repo_root, tmp_path):
              "--workdir", str(workdir), "--progress=off", "--config.train.steps=2",
              "--config.train.ckpt_every=2", "--config.data.train.source=webdataset",
              f"--config.data.train.urls={_shards(tmp_path)}"],
-            cwd=tmp_path, env=_clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+            cwd=tmp_path, env=_clean_env(XLA_FLAGS=train_cli.xla_flags(8)),
             capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

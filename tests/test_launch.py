@@ -98,8 +98,11 @@ def test_cpu_launcher_trains_as_two_processes(repo_root, tmp_path):
     import math
 
     workdir = tmp_path / "mp"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTEST_CURRENT_TEST")}
-    env.update(CLIPJAX=os.path.join(os.path.dirname(sys.executable), "clipjax"), TIMEOUT="400")
+    import train_cli
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env.update(CLIPJAX=os.path.join(os.path.dirname(sys.executable), "clipjax"), TIMEOUT="400",
+               XLA_FLAGS=train_cli.xla_flags())  # the script adds its device count
     # A small vocabulary: gloo all-reduces the text embedding's gradient slowly on CPU.
     r = subprocess.run(
         ["bash", str(repo_root / "launch/cpu_mesh.sh"), "multiprocess", "configs/tiny.py",

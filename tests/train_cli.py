@@ -108,9 +108,19 @@ def final_params(workdir, step: int = STEPS, which: str = "raw"):
     return jax.tree.map(np.asarray, checkpoint.restore_params(workdir, step, which=which))
 
 
+def xla_flags(devices: int | None = None) -> str:
+    """The suite's XLA flags (tests/conftest.py: LLVM at optimisation level 0) with the
+    device count replaced by `devices` (None: left to the caller, as cpu_mesh.sh does)."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices is not None:
+        kept.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(kept)
+
+
 def env(devices: int = 8, extra: dict[str, str] | None = None) -> dict[str, str]:
     out = dict(os.environ)
-    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out["XLA_FLAGS"] = xla_flags(devices)
     out["JAX_PLATFORMS"] = "cpu"
     out["PYTHONPATH"] = REPO + os.pathsep + out.get("PYTHONPATH", "")
     out.pop("PYTEST_CURRENT_TEST", None)
