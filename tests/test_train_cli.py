@@ -87,12 +87,21 @@ def _two_processes(workdir, data_dir):
 
 
 def test_two_processes_match_one(cli_reference, cli_data, tmp_path):
+    """The reference run as 2 processes x 4 devices, started the way a user starts a
+    2-host job on one machine (`launch/cpu_mesh.sh multiprocess`): the same losses,
+    params and EMA as 1 process x 8 devices, augmentation on."""
     workdir = str(tmp_path / "multi")
-    procs = _two_processes(workdir, cli_data)
-    results = [_finish(p) for p in procs]
-    for code, out in results:
-        assert code == 0, out[-3000:]
-    assert "8 devices, 2 processes" in results[0][1]
+    cmd = train_cli.reference_args(workdir, cli_data)
+    at = {cmd.index("--config"), cmd.index("--workdir")}
+    rest = [a for i, a in enumerate(cmd[4:], 4) if i not in at and i - 1 not in at]
+    launcher = [os.path.join(REPO, "launch", "cpu_mesh.sh"), "multiprocess",
+                cmd[cmd.index("--config") + 1], workdir, *rest]
+    env = {"CLIPJAX": os.path.join(os.path.dirname(sys.executable), "clipjax"),
+           "TIMEOUT": str(TIMEOUT), "XLA_FLAGS": train_cli.xla_flags()}  # it adds DEVICES=4
+    code, out = _finish(train_cli.start(["bash", *launcher], extra_env=env))
+    assert code == 0, out[-3000:]
+    assert "[process 0] clipjax train: mesh {'data': 8" in out, out[-3000:]
+    assert "[process 1] " in out and "8 devices, 2 processes" in out
     rows, ref = _rows(workdir), cli_reference["rows"]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref], rtol=1e-5)
