@@ -5,6 +5,8 @@ with captions from class names and templates, trains this config, and evaluates
 zero-shot on the 10k test images with held-out templates. Ten classes share each
 batch, so every pair of the same class counts as a positive (`loss.positives=label`,
 labels from the shards' .json); that lets the captions vary over ten templates.
+No random crop (flips only) and lr 3e-3: 86.67% zero-shot top-1 against 86.26% for
+crop_scale (0.85, 1) at lr 2e-3, same steps and step (README, "What `make demo` does").
 """
 
 from clipjax.config import default_config
@@ -34,11 +36,11 @@ def get_config(arg=None):
     c.data.train.urls = arg or "runs/demo/shards/train/{00000..00005}.tar"
     c.data.batch_size = 256
     c.data.workers = 0
-    c.data.augment.crop_scale = (0.85, 1.0)
+    c.data.augment.crop_scale = (1.0, 1.0)  # no crop
     c.data.augment.flip = True
 
     c.loss.positives = "label"
-    c.optim.lr = 2e-3
+    c.optim.lr = 3e-3
     c.optim.weight_decay = 0.05
     c.optim.warmup_steps = 50
     c.train.steps = 700
