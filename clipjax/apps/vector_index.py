@@ -178,13 +178,13 @@ class _FlatWithScan(faiss.IndexFlatIP):
 
 
 def _half_scan(x: np.ndarray, threads: int) -> faiss.Index:
-    n, d = x.shape
+    d = x.shape[1]
     shards = faiss.IndexShards(d, True, True)  # threaded, successive ids
     parts = []
-    for rows in np.array_split(np.arange(n), max(1, min(int(threads), 16))):
+    for rows in np.array_split(x, max(1, min(int(threads), 16))):  # contiguous views
         part = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16,
                                           faiss.METRIC_INNER_PRODUCT)
-        part.add(x[rows[0]:rows[-1] + 1])
+        part.add(rows)
         shards.add_shard(part)
         parts.append(part)
     shards.referenced_objects = parts  # the Python side owns the shards
@@ -194,8 +194,8 @@ def _half_scan(x: np.ndarray, threads: int) -> faiss.Index:
 def _rescored(index: faiss.IndexFlat, scan: faiss.Index, q: np.ndarray, k: int):
     """Candidates from the float16 scan, scored exactly against the float32 rows."""
     _, candidates = scan.search(q, min(index.ntotal, k + RESCORE_EXTRA))
-    rows = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
-    rows = np.asarray(rows).view(np.float32).reshape(index.ntotal, index.d)
+    rows = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(
+        index.ntotal, index.d)  # the flat index's own float32 rows, not a copy
     scores = np.full((len(q), k), -np.inf, np.float32)
     ids = np.full((len(q), k), -1, np.int64)
     for j, cand in enumerate(candidates):
