@@ -13,9 +13,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # JAX's persistent compilation cache, shared by the test processes and the clipjax
 # subprocesses they start (which inherit the environment): the same tiny programs
-# compile in many tests (a tiny train step: 14.8 s compiled, 3.3 s from the cache).
+# compile in many tests (a tiny train step: 14.8 s compiled, 3.3 s from the cache). It
+# lives in the user's cache, not the checkout, so a fresh clone (CI) reuses what earlier
+# runs compiled: the suite's CPU time 35 -> 20 min, measured in one clone run twice. Keys
+# are the HLO and the jax/jaxlib versions, so a changed program compiles anew; JAX evicts
+# the least recently used entries past 2 GiB.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache"))
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clipjax",
+    "test-jax-cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pathlib  # noqa: E402
@@ -59,6 +65,19 @@ SLOW_TESTS = {
     "test_data_global_order.py": {
         "test_workers_and_threads_change_nothing_and_resume_across_them"},
 }
+
+
+# The longest files first (their warm-cache seconds in one run of the suite): xdist hands
+# files to workers in collection order, so a long file started last would leave the other
+# worker idle at the end.
+LONGEST_FIRST = ("test_run_storage.py", "test_models.py", "test_install_tpu.py",
+                 "test_train.py", "test_train_cli.py", "test_recipes.py", "test_curation.py",
+                 "test_train_signals.py", "test_gcs_apps.py", "test_eval_parity.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: rest in order
 
 
 def pytest_itemcollected(item):
