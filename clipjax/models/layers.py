@@ -408,14 +408,15 @@ class Transformer(nn.Module):
     def _scanned_then_pooled(self, x, pool_index, kw):
         """The stacked `blocks` params applied as L-1 scanned layers + the pooled last one.
 
-        Each step indexes its layer out of the whole stack inside the rematerialised
-        region, so the backward pass keeps no per-layer copy of the params."""
+        The scan runs over the stack's first L-1 slices as `xs` (not the whole stack
+        captured and indexed per step): its backward then stacks each layer's grads as
+        it goes instead of carrying a full-stack accumulator through the loop, which
+        under `train.grad_accum` cost ~10% more per-chip memory on a pod."""
         params = nn.meta.unbox(self.variables["params"]["blocks"])
         n, policy = self.layers, remat_policy(self.remat)
         block = ResidualBlock(**kw, parent=None)
 
-        def run(h, i, stack, index=None):
-            p = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
+        def run(h, p, index=None):
             return block.apply({"params": p}, h, None, index)[0]
 
         scanned, last = run, run
@@ -423,5 +424,6 @@ class Transformer(nn.Module):
             scanned = jax.checkpoint(run, policy=policy, prevent_cse=False)
             last = jax.checkpoint(run, policy=policy)
         if n > 1:
-            x, _ = lax.scan(lambda h, i: (scanned(h, i, params), None), x, jnp.arange(n - 1))
-        return last(x, n - 1, params, pool_index)
+            head = jax.tree.map(lambda a: a[: n - 1], params)
+            x, _ = lax.scan(lambda h, p: (scanned(h, p), None), x, head)
+        return last(x, jax.tree.map(lambda a: a[n - 1], params), pool_index)
