@@ -408,19 +408,20 @@ class Transformer(nn.Module):
     def _scanned_then_pooled(self, x, pool_index, kw):
         """The stacked `blocks` params applied as L-1 scanned layers + the pooled last one.
 
-        The scan runs over the stack's first L-1 slices as `xs`, each step's slice
-        still boxed with its per-layer logical axes, as `nn.scan` hands them to a
-        block: unboxing it constrains the layer's params, and so their gradients, to
-        the FSDP sharding. Unconstrained slices of a constrained stack left XLA free
-        to keep per-layer gradients replicated: ~10% more memory per chip under
-        `train.grad_accum` on a pod."""
-        boxed = self.variables["params"]["blocks"]
+        Each step indexes its layer out of the whole stack inside the rematerialised
+        region, so the backward pass keeps no per-layer copy of the params. The slice
+        stays boxed with its layer's logical axes, as `nn.scan` hands it to a block:
+        unboxing constrains the layer's params, and so their gradients, to the FSDP
+        sharding. Unconstrained slices left XLA free to keep per-layer gradients
+        unsharded: ~10% more memory per chip under `train.grad_accum` on a pod."""
+        stack = self.variables["params"]["blocks"]
         n, policy = self.layers, remat_policy(self.remat)
         block = ResidualBlock(**kw, parent=None)
         layers_axis = {nn.PARTITION_NAME: "layers"}
 
-        def run(h, p, index=None):
-            p = nn.meta.remove_axis(p, 0, layers_axis)  # this layer's own axis names
+        def run(h, i, stack, index=None):
+            p = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
+            p = nn.meta.remove_axis(p, 0, layers_axis)  # the layer's own axis names
             return block.apply({"params": p}, h, None, index)[0]
 
         scanned, last = run, run
@@ -428,6 +429,5 @@ class Transformer(nn.Module):
             scanned = jax.checkpoint(run, policy=policy, prevent_cse=False)
             last = jax.checkpoint(run, policy=policy)
         if n > 1:
-            head = jax.tree.map(lambda a: a[: n - 1], boxed)
-            x, _ = lax.scan(lambda h, p: (scanned(h, p), None), x, head)
-        return last(x, jax.tree.map(lambda a: a[n - 1], boxed), pool_index)
+            x, _ = lax.scan(lambda h, i: (scanned(h, i, stack), None), x, jnp.arange(n - 1))
+        return last(x, n - 1, stack, pool_index)
