@@ -74,7 +74,7 @@ def _kernels(model_cfg: ConfigDict) -> str:
     return resolve_kernels(model_cfg.get("kernels", "auto"))
 
 
-def build_image_tower(model_cfg: ConfigDict) -> nn.Module:
+def build_image_tower(model_cfg: ConfigDict, scan_pooled_last: bool = True) -> nn.Module:
     img = model_cfg.image
     kw = dict(dtype=_tower_dtype(model_cfg, "image"), param_dtype=dtype_of(model_cfg.param_dtype),
               parent=None)
@@ -87,24 +87,27 @@ def build_image_tower(model_cfg: ConfigDict) -> nn.Module:
         image_size=img.image_size, patch_size=img.patch_size, width=img.width,
         layers=img.layers, heads=img.heads, output_dim=model_cfg.embed_dim,
         mlp_ratio=float(img.mlp_ratio), act=model_cfg.act, scan=model_cfg.scan_layers,
-        remat=model_cfg.remat, kernels=_kernels(model_cfg), **kw)
+        scan_pooled_last=scan_pooled_last, remat=model_cfg.remat, kernels=_kernels(model_cfg), **kw)
 
 
-def build_text_tower(model_cfg: ConfigDict) -> nn.Module:
+def build_text_tower(model_cfg: ConfigDict, scan_pooled_last: bool = True) -> nn.Module:
     txt = model_cfg.text
     return TextTransformer(
         context_length=txt.context_length, vocab_size=txt.vocab_size, width=txt.width,
         layers=txt.layers, heads=txt.heads, output_dim=model_cfg.embed_dim,
         mlp_ratio=float(txt.mlp_ratio), act=model_cfg.act, pool=txt.pool,
-        scan=model_cfg.scan_layers, remat=model_cfg.remat, kernels=_kernels(model_cfg),
-        dtype=_tower_dtype(model_cfg, "text"), param_dtype=dtype_of(model_cfg.param_dtype),
-        parent=None)
+        scan=model_cfg.scan_layers, scan_pooled_last=scan_pooled_last, remat=model_cfg.remat,
+        kernels=_kernels(model_cfg), dtype=_tower_dtype(model_cfg, "text"),
+        param_dtype=dtype_of(model_cfg.param_dtype), parent=None)
 
 
-def build_model(model_cfg: ConfigDict) -> Clip:
-    """The Clip module `config.model` describes (every hyper-parameter read from it)."""
+def build_model(model_cfg: ConfigDict, scan_pooled_last: bool = True) -> Clip:
+    """The Clip module `config.model` describes (every hyper-parameter read from it).
+    `scan_pooled_last=False`: scanned towers run every token through the last block
+    (a program choice, same params and numbers: see `Transformer.scan_pooled_last`)."""
     return Clip(
-        image=build_image_tower(model_cfg), text=build_text_tower(model_cfg),
+        image=build_image_tower(model_cfg, scan_pooled_last),
+        text=build_text_tower(model_cfg, scan_pooled_last),
         logit_scale_init=float(model_cfg.logit_scale_init),
         use_logit_bias=bool(model_cfg.use_logit_bias),
         logit_bias_init=float(model_cfg.logit_bias_init))

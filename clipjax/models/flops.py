@@ -73,7 +73,9 @@ def resnet_flops(img: ConfigDict, embed_dim: int) -> float:
 
 def _pooled_last(model_cfg: ConfigDict, pooled_last: bool | None) -> bool:
     """Towers compute only the pooled token through the last block, unrolled or scanned
-    (L-1 scanned layers, then the last block on the pooled tokens)."""
+    (L-1 scanned layers, then the last block on the pooled tokens). Under gradient
+    accumulation a scanned tower runs the full last block (less memory there, see
+    `Transformer.scan_pooled_last`); the count stays the pooled work: the model's."""
     return True if pooled_last is None else pooled_last
 
 

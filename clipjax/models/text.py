@@ -34,6 +34,7 @@ class TextTransformer(nn.Module):
     act: str = "quick_gelu"
     pool: str = "argmax"
     scan: bool = False
+    scan_pooled_last: bool = True  # see Transformer
     remat: str = "none"
     kernels: str = "auto"  # cpu | xla | auto (see clipjax.models.layers)
     dtype: jnp.dtype = jnp.float32
@@ -62,7 +63,8 @@ class TextTransformer(nn.Module):
         x = x + positional[:length].astype(self.dtype)
         x = constrain(x)
         x = Transformer(w, self.layers, self.heads, self.mlp_ratio, self.act, causal=True,
-                        scan=self.scan, remat=self.remat, kernels=self.kernels, name="transformer",
+                        scan=self.scan, scan_pooled_last=self.scan_pooled_last,
+                        remat=self.remat, kernels=self.kernels, name="transformer",
                         **kw)(x, pool_index(tokens, self.pool))
         pooled = layer_norm(name="ln_final", **kw)(x[:, 0])
         return pooled @ projection.astype(self.dtype)

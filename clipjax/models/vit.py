@@ -40,6 +40,7 @@ class VisionTransformer(nn.Module):
     mlp_ratio: float = 4.0
     act: str = "quick_gelu"
     scan: bool = False
+    scan_pooled_last: bool = True  # see Transformer
     remat: str = "none"
     kernels: str = "auto"  # cpu | xla | auto (see clipjax.models.layers)
     dtype: jnp.dtype = jnp.float32
@@ -80,7 +81,8 @@ class VisionTransformer(nn.Module):
         x = constrain(x)
         x = layer_norm(name="ln_pre", **kw)(x)
         x = Transformer(w, self.layers, self.heads, self.mlp_ratio, self.act, causal=False,
-                        scan=self.scan, remat=self.remat, kernels=self.kernels, name="transformer",
+                        scan=self.scan, scan_pooled_last=self.scan_pooled_last,
+                        remat=self.remat, kernels=self.kernels, name="transformer",
                         **kw)(x, jnp.zeros(x.shape[0], jnp.int32))
         pooled = layer_norm(name="ln_post", **kw)(x[:, 0])
         return pooled @ proj.astype(self.dtype)

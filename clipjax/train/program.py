@@ -129,7 +129,8 @@ def build(config: ConfigDict, mesh: Mesh | None = None) -> TrainProgram:
     rules = sharding.rules(config)
     axes = tuple(a for a in sharding.batch_axes(config) if a in mesh.shape)
     _check_batch(config, mesh, axes)
-    model = models.build_model(config.model)
+    # Under accumulation the full scan needs less memory (see Transformer.scan_pooled_last).
+    model = models.build_model(config.model, int(config.train.grad_accum) <= 1)
     tx = optim.build(config)
     lr = optim.schedule(config.optim, int(config.train.steps))
     ema_decay = float(config.train.get("ema_decay", 0.0))
