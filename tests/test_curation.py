@@ -32,7 +32,7 @@ from clipjax.errors import ClipjaxError
 FM = idx.FASHION_MNIST_DIR
 CLASSES = idx.FASHION_MNIST_CLASSES
 N_TRAIN = 4000
-STEPS = 300
+STEPS = 150
 N_POOL = 1000
 POOL_SHARD = 250
 WRONG = 0.2
@@ -59,7 +59,7 @@ def _train(root, train_urls) -> str:
         f"{train_cli.REPO}/configs/demo.py:{train_urls}", "--workdir", str(workdir),
         "--progress=off", f"--config.train.steps={STEPS}",
         f"--config.train.ckpt_every={STEPS}", f"--config.train.log_every={STEPS // 4}",
-        "--config.data.batch_size=64", "--config.optim.lr=2e-3",
+        "--config.data.batch_size=64", "--config.optim.lr=4e-3",
         "--config.optim.warmup_steps=10", "--config.model.embed_dim=32",
         "--config.model.image.layers=2", "--config.model.image.width=64",
         "--config.model.image.heads=2", "--config.model.image.patch_size=7",
