@@ -15,9 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # subprocesses they start (which inherit the environment): the same tiny programs
 # compile in many tests (a tiny train step: 14.8 s compiled, 3.3 s from the cache). It
 # lives in the user's cache, not the checkout, so a fresh clone (CI) reuses what earlier
-# runs compiled (make test, quiet: 1057 s cold, 841 s warm). Keys
-# are the HLO and the jax/jaxlib versions, so a changed program compiles anew; JAX evicts
-# the least recently used entries past 2 GiB.
+# runs compiled (make test on a quiet machine: 1057 s cold, 841 s warm). Keys are the HLO
+# and the jax/jaxlib versions, so a changed program compiles anew; JAX evicts the least
+# recently used entries past 2 GiB.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clipjax",
     "test-jax-cache"))

@@ -369,7 +369,7 @@ class Transformer(nn.Module):
     # Scanned: the last block on the pooled tokens only (below). Without gradient
     # accumulation that is the cheaper program; inside `train.grad_accum`'s loop XLA's TPU
     # compiler keeps more live with it than with the full scan (ViT-L/14, v5p-128, 262k,
-    # accum 8: 90.9 vs 79.3 GiB per chip), so the train step turns it off there.
+    # accum 8: 90.9 vs 76.7 GiB per chip), so the train step turns it off there.
     scan_pooled_last: bool = True
     remat: str = "none"
     kernels: str = "auto"
