@@ -42,11 +42,11 @@ lint: $(STAMP)
 # --dist loadfile: a test file runs on one worker, so its module fixtures (compiled
 # programs, reference runs) are built once, not once per worker.
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q
 
 # The inner loop: everything but the end-to-end files (tests/conftest.py SLOW_FILES).
 test-fast: lint
-	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q -m "not slow"
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

@@ -59,9 +59,28 @@ def read_config(workdir: str) -> ConfigDict:
     return config_lib.from_json(path.read_text(encoding="utf-8"))
 
 
+# Orbax splits each replicated array over its replicas so that each writes a slice: an
+# eager device slice per array and replica, each compiled on first use, worth it for big
+# arrays only. Arrays whose slices would be under 1 MiB are written whole by their first
+# replica, as without replicas (60 replicated arrays of 4-64 KiB on 8 CPU devices: the
+# first save 5.7 -> 0.25 s, later ones 0.4 -> 0.2 s; the files are the same).
+MIN_SLICE_BYTES = 1 << 20
+_handlers_set = False
+
+
+def _write_small_arrays_whole() -> None:
+    global _handlers_set
+    if not _handlers_set:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES), override=True)
+        _handlers_set = True
+
+
 def manager(workdir: str, *, keep: int | None = None, keep_every: int | None = None,
             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     """The CheckpointManager over WORKDIR/checkpoints with clipjax's item layout."""
+    _write_small_arrays_whole()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         keep_period=keep_every or None,

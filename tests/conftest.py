@@ -67,12 +67,16 @@ SLOW_TESTS = {
 }
 
 
-# The longest files first (their warm-cache seconds in one run of the suite): xdist hands
-# files to workers in collection order, so a long file started last would leave the other
-# worker idle at the end.
-LONGEST_FIRST = ("test_run_storage.py", "test_models.py", "test_install_tpu.py",
-                 "test_train.py", "test_train_cli.py", "test_recipes.py", "test_curation.py",
-                 "test_train_signals.py", "test_gcs_apps.py", "test_eval_parity.py")
+# The longest files first (their warm-cache seconds in one run of the suite: 273, 118,
+# 112, ...): xdist hands files to workers in collection order (`--no-loadscope-reorder`;
+# by default it sorts files by their number of tests, which started the one-test 118 s
+# install last), so a long file started last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_run_storage.py", "test_install_tpu.py", "test_models.py",
+                 "test_train_cli.py", "test_train.py", "test_curation.py",
+                 "test_train_signals.py", "test_recipes.py", "test_gcs_apps.py",
+                 "test_compile.py", "test_eval_parity.py", "test_losses.py",
+                 "test_clip_benchmark_parity.py", "test_inference.py", "test_eval_suites.py",
+                 "test_optim.py", "test_multislice.py")
 
 
 def pytest_collection_modifyitems(items):

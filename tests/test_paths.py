@@ -102,3 +102,16 @@ def test_tensorboard_events_on_the_bucket_are_readable(gcs_env):
     scalars = [(e.step, v.simple_value) for e in _events(paths.read_bytes(f"{logdir}/{name}"))
                for v in e.summary.value if v.tag == "train/loss"]
     assert scalars == [(0, 1.0), (1, 2.0), (2, 3.0)]
+
+
+def test_the_tensorboard_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (2.7 s at every run's start) only to
+    accept torch tensors; the writer is built without it, and torch still imports after."""
+    pytest.importorskip("torch")
+    code = ("import sys; from clipjax import tensorboard; "
+            f"w = tensorboard.summary_writer({str(tmp_path)!r}); w.add_scalar('x', 1.0, 1); "
+            "w.close(); assert 'torch' not in sys.modules, 'torch imported'; import torch")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
