@@ -58,7 +58,7 @@ class _ObjectWriterFactory:
 def _tensorboardx():
     """tensorboardX's writer, imported without torch: its `writer` module imports torch
     (when installed) only to accept torch tensors, which clipjax never logs, and that
-    import costs 2.7 s at every start of a run on a machine with torch."""
+    import costs 1.4-2.7 s at every start of a run on a machine with torch."""
     blocked = "torch" not in sys.modules
     if blocked:
         sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX's fallback
