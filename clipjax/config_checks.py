@@ -22,6 +22,7 @@ _CHOICES = {
     "model.image.kind": ("vit", "resnet"),
     "model.image.dtype": ("", "float32", "bfloat16", "float16"),
     "model.image.interpolation": ("bicubic", "bilinear", "nearest"),
+    "model.image.pool": ("tok", "avg"),
     "model.text.pool": ("argmax", "last", "first"),
     "model.text.dtype": ("", "float32", "bfloat16", "float16"),
     "model.tokenizer.kind": ("clip_bpe", "sentencepiece"),
@@ -183,6 +184,8 @@ def _check_model(m: ConfigDict) -> None:
         raise ConfigError("model.image.patch_dropout", f"must be in [0, 1); got {pd!r}")
     if pd and img.kind != "vit":
         raise ConfigError("model.image.patch_dropout", "drops ViT patch tokens; this is a ResNet")
+    if img.pool != "tok" and img.kind != "vit":
+        raise ConfigError("model.image.pool", "pools ViT tokens; a ResNet pools by attention")
 
 
 def _check_mesh(c: ConfigDict) -> None:

@@ -55,6 +55,10 @@ def default_config() -> ConfigDict:
     c.model.image.layers = 12
     c.model.image.heads = 12
     c.model.image.mlp_ratio = 4.0
+    # What the image embedding pools (open_clip's vision_cfg.pool_type): tok = the class
+    # token (OpenAI), avg = the mean of the patch tokens after ln_post (the class token
+    # still attends; every token goes through the last block).
+    c.model.image.pool = "tok"
     # ModifiedResNet
     c.model.image.resnet_layers = (3, 4, 6, 3)
     c.model.image.resnet_width = 64

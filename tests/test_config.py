@@ -17,6 +17,8 @@ def test_tiny_loads_and_overrides_apply():
     c = config_lib.load(TINY, ["--config.train.steps=3", "--config.loss.kind=sigmoid"])
     assert c.train.steps == 3 and c.loss.kind == "sigmoid"
     assert config_lib.load(f"{TINY}:resnet").model.image.kind == "resnet"
+    with pytest.raises(ConfigError, match="ResNet pools by attention"):
+        config_lib.load(f"{TINY}:resnet", ["--config.model.image.pool=avg"])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -31,6 +33,7 @@ def test_tiny_loads_and_overrides_apply():
     ("--config.data.batch_size=-4", "data.batch_size"),
     ("--config.loss.chunk=4", "loss.chunk"),
     ("--config.model.kernels=cudnn", "model.kernels"),
+    ("--config.model.image.pool=max", "model.image.pool"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

@@ -141,6 +141,11 @@ def test_local_dir_export_carries_preprocessing(tmp_path):
 def test_model_config_maps_back(name):
     m = presets.model_config(name)
     assert presets.from_open_clip_json(export.open_clip_model_config(m)).to_dict() == m.to_dict()
+    if m.image.kind == "vit":  # the mean-pooled variant records pool_type, and only it
+        m.image.pool = "avg"
+        data = export.open_clip_model_config(m)
+        assert data["vision_cfg"]["pool_type"] == "avg"
+        assert presets.from_open_clip_json(data).to_dict() == m.to_dict()
 
 
 def test_export_of_missing_workdir_is_a_clear_error(tmp_path, capsys):

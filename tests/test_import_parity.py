@@ -24,10 +24,11 @@ torch = pytest.importorskip("torch")
 TOL = 1e-5
 
 TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}
-# ViT, GELU, odd head width and MLP ratios (int() truncation of 64 * 2.7 = 172.8).
+# ViT, GELU, odd head width and MLP ratios (int() truncation of 64 * 2.7 = 172.8), the
+# image embedding the mean of the patch tokens (pool_type avg).
 VIT_GELU = {"embed_dim": 32,
             "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
-                           "head_width": 16, "mlp_ratio": 2.7},
+                           "head_width": 16, "mlp_ratio": 2.7, "pool_type": "avg"},
             "text_cfg": {**TEXT, "mlp_ratio": 3.3}}
 # ViT, QuickGELU, 64-wide heads as OpenAI's layout implies (its importer infers them).
 VIT_QUICK = {"embed_dim": 48, "quick_gelu": True,
@@ -118,6 +119,7 @@ def test_vit_gelu_safetensors_via_open_clip_cli(tmp_path):
     model_cfg, params = _import_cli(tmp_path, [
         "open_clip", "--checkpoint", str(path), "--model-config", str(config_file)])
     assert model_cfg.act == "gelu" and model_cfg.image.heads == 4
+    assert model_cfg.image.pool == "avg" and model.visual.pool_type == "avg"
     _assert_parity(model, model_cfg, params, 32)
 
 

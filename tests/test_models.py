@@ -257,7 +257,6 @@ def test_flops_agree_with_xla_cost_analysis():
 def test_flops_of_known_architectures():
     # open_clip's model profile (fvcore, multiply-adds): ViT-B-32 image 4.41 G, text 2.96 G;
     # ViT-L-14 image 81.08 G. FLOPs are twice that.
-    b32 = presets.model_config("ViT-B-32")
     # Unrolled, clipjax runs only the pooled token through the last block: 1/12 less work.
     b32 = presets.model_config("ViT-B-32")
     full_image = flops.image_flops(b32, pooled_last=False)
@@ -267,6 +266,8 @@ def test_flops_of_known_architectures():
     pooled_image = flops.image_flops(b32)
     b32.scan_layers = True  # scanned: L-1 layers in the scan, then the pooled last block
     assert flops.image_flops(b32) == pooled_image
+    b32.image.pool = "avg"  # the patch mean needs every token out of the last block
+    assert flops.image_flops(b32) == full_image
     assert 2 * 4.38e9 < full_image < 2 * 4.44e9
     assert 2 * 2.94e9 < full_text < 2 * 3.0e9
     l14 = presets.model_config("ViT-L-14")

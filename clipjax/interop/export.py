@@ -55,6 +55,8 @@ def open_clip_model_config(model_cfg: ConfigDict) -> dict[str, Any]:
         vision = {"image_size": int(img.image_size), "layers": int(img.layers),
                   "width": int(img.width), "head_width": int(img.width) // int(img.heads),
                   "patch_size": int(img.patch_size), "mlp_ratio": float(img.mlp_ratio)}
+        if img.get("pool", "tok") != "tok":
+            vision["pool_type"] = img.pool
     text = {"context_length": int(txt.context_length), "vocab_size": int(txt.vocab_size),
             "width": int(txt.width), "heads": int(txt.heads), "layers": int(txt.layers),
             "mlp_ratio": float(txt.mlp_ratio)}

@@ -86,8 +86,9 @@ def build_image_tower(model_cfg: ConfigDict, scan_pooled_last: bool = True) -> n
     return VisionTransformer(
         image_size=img.image_size, patch_size=img.patch_size, width=img.width,
         layers=img.layers, heads=img.heads, output_dim=model_cfg.embed_dim,
-        mlp_ratio=float(img.mlp_ratio), act=model_cfg.act, scan=model_cfg.scan_layers,
-        scan_pooled_last=scan_pooled_last, remat=model_cfg.remat, kernels=_kernels(model_cfg), **kw)
+        mlp_ratio=float(img.mlp_ratio), act=model_cfg.act, pool=img.get("pool", "tok"),
+        scan=model_cfg.scan_layers, scan_pooled_last=scan_pooled_last, remat=model_cfg.remat,
+        kernels=_kernels(model_cfg), **kw)
 
 
 def build_text_tower(model_cfg: ConfigDict, scan_pooled_last: bool = True) -> nn.Module:

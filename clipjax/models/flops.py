@@ -43,6 +43,7 @@ def vit_flops(img: ConfigDict, embed_dim: int, pooled_last: bool = False,
     if training:
         patches = kept_patches(patches, img.get("patch_dropout", 0.0))
     embed = 2 * patches * (img.patch_size ** 2 * 3) * img.width
+    pooled_last = pooled_last and img.get("pool", "tok") == "tok"  # avg needs every token
     blocks = transformer_flops(patches + 1, img.width, img.layers, img.mlp_ratio, pooled_last)
     return float(embed + blocks + 2 * img.width * embed_dim)
 

@@ -119,7 +119,7 @@ def model_config(name: str) -> ConfigDict:
 _VISION_DEFAULTS: dict[str, Any] = {
     "ls_init_value": None, "patch_dropout": 0.0, "attentional_pool": False,
     "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False,
-    "pool_type": "tok", "output_tokens": False, "act_kwargs": None, "norm_kwargs": None,
+    "output_tokens": False, "act_kwargs": None, "norm_kwargs": None,
     "block_type": None, "qk_norm": False, "scaled_cosine_attn": False, "scale_heads": False,
     "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
     "timm_model_name": None,
@@ -189,8 +189,12 @@ def _square(size, key: str) -> int:
 
 
 def _vision(img: ConfigDict, v: dict) -> None:
-    known = {"image_size", "layers", "width", "head_width", "mlp_ratio"}
+    known = {"image_size", "layers", "width", "head_width", "mlp_ratio", "pool_type"}
     _check_defaults(v, _VISION_DEFAULTS, known | _VISION_IGNORED, "vision_cfg.")
+    pool = v.get("pool_type", "tok")
+    if pool not in ("tok", "avg"):
+        raise ClipjaxError(f"open_clip model config vision_cfg.pool_type={pool!r} is not "
+                           "supported by clipjax (tok, avg)")
     img.image_size = _square(v.get("image_size", 224), "vision_cfg.image_size")
     head_width = int(v.get("head_width", 64))
     width = int(v.get("width", 768))
@@ -200,6 +204,9 @@ def _vision(img: ConfigDict, v: dict) -> None:
         img.resnet_layers = tuple(int(n) for n in layers)
         img.resnet_width = width
         img.resnet_heads = width * 32 // head_width
+        if pool != "tok":
+            raise ClipjaxError(f"open_clip model config vision_cfg.pool_type={pool!r}: a "
+                               "ModifiedResNet pools by attention")
         return
     img.kind = "vit"
     img.patch_size = _square(v.get("patch_size", 16), "vision_cfg.patch_size")
@@ -207,6 +214,7 @@ def _vision(img: ConfigDict, v: dict) -> None:
     img.layers = int(layers)
     img.heads = width // head_width
     img.mlp_ratio = float(v.get("mlp_ratio", 4.0))
+    img.pool = pool
 
 
 def _text_tower(txt: ConfigDict, t: dict) -> None:

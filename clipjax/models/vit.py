@@ -1,7 +1,9 @@
-"""OpenAI's Vision Transformer image tower (open_clip `VisionTransformer`, pool 'tok').
+"""OpenAI's Vision Transformer image tower (open_clip `VisionTransformer`, pool 'tok' or
+'avg').
 
 patches -> linear embed (conv without bias) -> [class token; patches] + learned
-positions -> ln_pre -> pre-LN blocks -> ln_post on the class token -> projection.
+positions -> ln_pre -> pre-LN blocks -> ln_post on the class token (or on every token,
+then the mean of the patch tokens) -> projection.
 The patch embedding is a reshape plus one matmul against a [patch*patch*3, width]
 kernel, the same arithmetic as the strided convolution, faster on CPU.
 """
@@ -39,6 +41,7 @@ class VisionTransformer(nn.Module):
     output_dim: int
     mlp_ratio: float = 4.0
     act: str = "quick_gelu"
+    pool: str = "tok"  # tok: the class token; avg: the mean of the patch tokens
     scan: bool = False
     scan_pooled_last: bool = True  # see Transformer
     remat: str = "none"
@@ -80,9 +83,13 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([cls, x], axis=1)
         x = constrain(x)
         x = layer_norm(name="ln_pre", **kw)(x)
+        pool_index = None if self.pool == "avg" else jnp.zeros(x.shape[0], jnp.int32)
         x = Transformer(w, self.layers, self.heads, self.mlp_ratio, self.act, causal=False,
                         scan=self.scan, scan_pooled_last=self.scan_pooled_last,
                         remat=self.remat, kernels=self.kernels, name="transformer",
-                        **kw)(x, jnp.zeros(x.shape[0], jnp.int32))
-        pooled = layer_norm(name="ln_post", **kw)(x[:, 0])
+                        **kw)(x, pool_index)
+        if self.pool == "avg":  # open_clip: ln_post on every token, then the patch mean
+            pooled = layer_norm(name="ln_post", **kw)(x)[:, 1:].mean(axis=1)
+        else:
+            pooled = layer_norm(name="ln_post", **kw)(x[:, 0])
         return pooled @ proj.astype(self.dtype)
