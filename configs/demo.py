@@ -5,11 +5,13 @@ with captions from class names and templates, trains this config, and evaluates
 zero-shot on the 10k test images with held-out templates. Ten classes share each
 batch, so every pair of the same class counts as a positive (`loss.positives=label`,
 labels from the shards' .json); that lets the captions vary over ten templates.
-No random crop (flips only) and lr 3e-3. The image tower takes 4-pixel patches (49
-tokens, width 96, MLP ratio 2) and the text tower is one narrow layer (the captions
-are ten templates over ten names): 87.14% zero-shot top-1 against 86.67% for patch 7,
-width 128 and a 2-layer, 128-wide text tower, at 0.91x its train FLOPs, same steps
-and batch (README, "What `make demo` does").
+No random crop (flips only), lr 3e-3, weight decay 0.2. The image tower takes 7-pixel
+patches (16 tokens, width 128, 8 heads of 16) and embeds the mean of the patch tokens
+(`pool=avg`); the text tower is one narrow layer (the captions are ten templates over
+ten names): 87.83% zero-shot top-1 in 205 s of training on a quiet 2-core machine,
+against 87.14% in 243 s for the recipe before (patch 4, width 96) and 86.26% in 199 s
+for the recipe the demo had when positives by label came (README, "What `make demo`
+does").
 """
 
 from clipjax.config import default_config
@@ -24,11 +26,12 @@ def get_config(arg=None):
     m.embed_dim = 64
     m.act = "gelu"
     m.image.image_size = 28
-    m.image.patch_size = 4
-    m.image.width = 96
-    m.image.mlp_ratio = 2.0
+    m.image.patch_size = 7
+    m.image.width = 128
+    m.image.mlp_ratio = 4.0
     m.image.layers = 4
-    m.image.heads = 4
+    m.image.heads = 8
+    m.image.pool = "avg"
     m.image.mean = FASHION_MEAN
     m.image.std = FASHION_STD
     m.text.context_length = 16
@@ -45,7 +48,7 @@ def get_config(arg=None):
 
     c.loss.positives = "label"
     c.optim.lr = 3e-3
-    c.optim.weight_decay = 0.05
+    c.optim.weight_decay = 0.2
     c.optim.warmup_steps = 50
     c.train.steps = 700
     c.train.log_every = 25
