@@ -8,8 +8,8 @@ labels from the shards' .json); that lets the captions vary over ten templates.
 No random crop (flips only), lr 3e-3, weight decay 0.2. The image tower takes 7-pixel
 patches (16 tokens, width 128, 8 heads of 16) and embeds the mean of the patch tokens
 (`pool=avg`); the text tower is one narrow layer (the captions are ten templates over
-ten names): 87.83% zero-shot top-1 in 205 s of training on a quiet 2-core machine,
-against 87.14% in 243 s for the recipe before (patch 4, width 96) and 86.26% in 199 s
+ten names): 87.83% zero-shot top-1 in 205-234 s of training on a quiet 2-core machine,
+against 87.14% in 222-243 s for the recipe before (patch 4, width 96) and 86.26% in 199 s
 for the recipe the demo had when positives by label came (README, "What `make demo`
 does").
 """
