@@ -88,8 +88,9 @@ class VisionTransformer(nn.Module):
                         scan=self.scan, scan_pooled_last=self.scan_pooled_last,
                         remat=self.remat, kernels=self.kernels, name="transformer",
                         **kw)(x, pool_index)
+        ln_post = layer_norm(name="ln_post", **kw)
         if self.pool == "avg":  # open_clip: ln_post on every token, then the patch mean
-            pooled = layer_norm(name="ln_post", **kw)(x)[:, 1:].mean(axis=1)
+            pooled = ln_post(x)[:, 1:].mean(axis=1)
         else:
-            pooled = layer_norm(name="ln_post", **kw)(x[:, 0])
+            pooled = ln_post(x[:, 0])
         return pooled @ proj.astype(self.dtype)
