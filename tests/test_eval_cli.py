@@ -101,6 +101,10 @@ def test_cli_results_cache_and_rerun(tmp_path, idx_dir, classnames, capsys):
     assert set(rec) >= {"step", "task", "num_examples", "top1", "top5", "mean_per_class_recall"}
     probe = json.load(open(results.result_path(workdir, "probe", 0)))
     assert probe["mode"] == "linear_probe" and probe["num_train"] == 40
+    # A count, not a fraction: printed as one (it once read "num_train 4000.00%").
+    summary = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step 0 probe:")]
+    assert len(summary) == 1 and "the probe fit on 40," in summary[0]
+    assert "num_train" not in summary[0], summary[0]
     assert os.path.exists(os.path.join(workdir, "eval", "shapes", "confusion_0.png"))
     cache = os.listdir(os.path.join(workdir, "eval", "cache", "shapes"))
     assert len(cache) == 1 and cache[0].startswith("0-")

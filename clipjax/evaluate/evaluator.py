@@ -383,5 +383,6 @@ def _summary(record: dict) -> str:
     if "l2" in record:
         metrics += f"  l2 {record['l2']:g}"
     skipped = f", {record['skipped']} skipped" if record.get("skipped") else ""
+    probe = f", the probe fit on {record['num_train']}" if "num_train" in record else ""
     return (f"step {record['step']} {record['task']}: {metrics}  "
-            f"({record['num_examples']} images{skipped}, {record['seconds']:.1f} s)")
+            f"({record['num_examples']} images{skipped}{probe}, {record['seconds']:.1f} s)")

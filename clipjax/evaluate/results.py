@@ -55,8 +55,8 @@ def read_all(workdir: str, task: str) -> list[dict]:
 
 
 def metric_names(record: Mapping) -> list[str]:
-    skip = {"step", "task", "num_examples", "mode", "num_classes", "num_templates",
-            "num_texts", "checkpoint", "seconds", "l2"}
+    skip = {"step", "task", "num_examples", "num_train", "mode", "num_classes",
+            "num_templates", "num_texts", "checkpoint", "seconds", "l2"}
     return [k for k, v in record.items()
             if k not in skip and isinstance(v, int | float) and not isinstance(v, bool)]
 
