@@ -64,7 +64,8 @@ def _train(root, train_urls) -> str:
         "--config.model.image.layers=2", "--config.model.image.width=64",
         "--config.model.image.heads=2", "--config.model.image.patch_size=7",
         "--config.model.image.mlp_ratio=4.0", "--config.model.image.pool=tok",
-        "--config.optim.weight_decay=0.05", "--config.model.text.layers=1",
+        "--config.optim.weight_decay=0.05", "--config.optim.frozen=",
+        "--config.model.text.layers=1",
         "--config.model.text.width=64", "--config.model.text.heads=2",
         "--config.data.augment.flip=False", "--config.data.augment.crop_scale=(1.0,1.0)"],
         devices=1))
