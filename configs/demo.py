@@ -8,13 +8,14 @@ labels from the shards' .json); that lets the captions vary over ten templates.
 No random crop (flips only), lr 3e-3, weight decay 0.2, 1000 steps (4.3 epochs). The
 image tower takes 7-pixel patches (16 tokens, width 128, 8 heads of 16, MLP ratio 2) and
 embeds the class token; the text tower is one narrow layer (the captions are ten
-templates over ten names) whose token table (49,408 x 64, 3.2M of the model's 3.8M params,
-31 of its rows in the training captions) stays at its random init (`optim.frozen`): it is neither
-differentiated nor updated, which with the thinner MLP pays for 1000 steps instead of 700.
-88.55% zero-shot top-1 (seeds 1 and 2: 88.44%, 88.70%) in 171-191 s of training on a
-2-core machine, where the recipe before (700 steps, MLP ratio 4, mean-pooled, table
-trained) scored 87.68% (87.83% on another machine) in 186 s, and the recipe of the
-issue's day 86.30% in 220 s (README, "What `make demo` does").
+templates over ten names) whose token table (49,408 x 64: 3.2M of the model's 3.8M
+params, 31 rows of it in the training captions) stays at its random init
+(`optim.frozen`): neither differentiated nor updated, it pays, with the thinner MLP,
+for 1000 steps instead of 700. 88.55% zero-shot top-1 (seeds 1 and 2: 88.44%, 88.70%)
+in 171-221 s of training (median 186 s) on a 2-core machine, where the recipe before
+(700 steps, MLP ratio 4, mean-pooled, table trained) scored 87.68% (87.83% on another
+machine) in 186-203 s, and the recipe of the issue's day 86.30% in 202-211 s (README,
+"What `make demo` does").
 """
 
 from clipjax.config import default_config
