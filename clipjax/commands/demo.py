@@ -57,7 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from clipjax import cli, paths
-    from clipjax.data.idx import FASHION_MNIST_CLASSES
     from clipjax.errors import ClipjaxError
 
     workdir = paths.to_str(args.workdir)
@@ -78,29 +77,17 @@ def run(args) -> int:
 
     shards = posixpath.join(workdir, "shards", "train")
     if not paths.exists(posixpath.join(shards, "sizes.json")):
-        convert = ["data", "convert", "--from", "idx", data_dir, "--split", "train",
-                   "--out", shards, "--shard-size", "10000", "--image-format", "png"]
-        for t in TRAIN_TEMPLATES:
-            convert += ["--template", t]
-        phase("convert", convert)
-    num_shards = len(json.loads(paths.read_text(posixpath.join(shards, "sizes.json"))))
-    urls = posixpath.join(shards, f"{{00000..{num_shards - 1:05d}}}.tar")
+        phase("convert", convert_argv(data_dir, shards))
 
     config = args.config or _default_config()
-    train = ["train", "--config", f"{config}:{urls}", "--workdir", workdir]
+    train = ["train", "--config", f"{config}:{shard_urls(shards)}", "--workdir", workdir]
     if args.steps:
         train.append(f"--config.train.steps={args.steps}")
     phase("train", train)
 
-    classnames = posixpath.join(workdir, "classnames.txt")
-    templates = posixpath.join(workdir, "heldout_templates.txt")
-    _write_lines(classnames, FASHION_MNIST_CLASSES)
-    _write_lines(templates, EVAL_TEMPLATES)
-    phase("eval", ["eval", "--workdir", workdir, "--tasks", "fashion_mnist", "--data-dir",
-                   data_dir, "--classnames", classnames, "--templates", templates,
-                   "--confusion-matrix", "--force"])
+    phase("eval", eval_argv(workdir, data_dir, *write_eval_files(workdir)))
 
-    result = _latest_result(posixpath.join(workdir, "eval", "fashion_mnist"))
+    result = latest_result(workdir)
     print("\n== demo summary")
     for name, seconds in timings.items():
         print(f"  {name:<8} {seconds:7.1f} s")
@@ -155,14 +142,50 @@ def find_fashion_mnist(data_dir: str, cache_dir: str) -> str:
     return paths.to_str(cache_dir)
 
 
-def _write_lines(path: str, lines) -> None:
+# The phases' command lines, shared with benchmarks/demo_recipes.py (which runs recipes
+# the way the demo does).
+
+
+def convert_argv(data_dir: str, shards: str) -> list[str]:
+    """`clipjax data convert` of the training IDX files into the demo's shards."""
+    argv = ["data", "convert", "--from", "idx", data_dir, "--split", "train", "--out", shards,
+            "--shard-size", "10000", "--image-format", "png"]
+    for t in TRAIN_TEMPLATES:
+        argv += ["--template", t]
+    return argv
+
+
+def shard_urls(shards: str) -> str:
+    """The brace pattern of every shard `convert_argv` wrote (from its sizes.json)."""
     from clipjax import paths
 
-    paths.write_text(path, "\n".join(lines) + "\n")
+    num_shards = len(json.loads(paths.read_text(posixpath.join(shards, "sizes.json"))))
+    return posixpath.join(shards, f"{{00000..{num_shards - 1:05d}}}.tar")
 
 
-def _latest_result(directory: str) -> dict:
+def write_eval_files(directory: str) -> tuple[str, str]:
+    """The class names and the held-out templates, one per line: (classnames, templates)."""
+    from clipjax import paths
+    from clipjax.data.idx import FASHION_MNIST_CLASSES
+
+    out = (posixpath.join(directory, "classnames.txt"),
+           posixpath.join(directory, "heldout_templates.txt"))
+    for path, lines in zip(out, (FASHION_MNIST_CLASSES, EVAL_TEMPLATES)):
+        paths.write_text(path, "\n".join(lines) + "\n")
+    return out
+
+
+def eval_argv(workdir: str, data_dir: str, classnames: str, templates: str) -> list[str]:
+    """`clipjax eval` of the latest checkpoint on the 10k test images, held-out prompts."""
+    return ["eval", "--workdir", workdir, "--tasks", "fashion_mnist", "--data-dir", data_dir,
+            "--classnames", classnames, "--templates", templates, "--confusion-matrix",
+            "--force"]
+
+
+def latest_result(workdir: str) -> dict:
+    """The result JSON of the newest evaluated step."""
     from clipjax import paths
 
+    directory = paths.join(workdir, "eval", "fashion_mnist")
     steps = sorted(int(n[:-5]) for n in paths.listdir(directory) if n[:-5].isdigit())
     return json.loads(paths.read_text(paths.join(directory, f"{steps[-1]}.json")))
